@@ -1,1 +1,27 @@
-//! placeholder
+#![forbid(unsafe_code)]
+
+//! capvm's end-to-end test support: real, unmodified Linux guests.
+//!
+//! - [`kit`]: the guest kit (a Debian kernel + busybox initramfs built by
+//!   `tests/kit/build.sh`) and the kernel command line its `/init` obeys.
+//! - [`marker`]: the `CAPVM-KIT:` lines the kit prints on its console.
+//! - [`launcher`]: how a guest is started (QEMU now, capvm's `vm` next).
+//! - [`testvm`]: the [`testvm::TestVm`] fixture: start, wait for a console
+//!   line, run a guest command, stop, keep the console log for failures.
+//! - [`testhost`]: where a guest can run: directly on `/dev/kvm`, or inside
+//!   the emulated test host (`tests/testhost.sh`) on machines whose KVM cannot
+//!   run ordinary guests (PVM).
+//! - [`harness`]: the runner of the e2e test binaries (skips are reported as
+//!   skips, tests that need KVM move into the test host where needed).
+//!
+//! Trusts: the kit's files and the scripts under `tests/`. May touch: its
+//! cache (`$CAPVM_CACHE`, default `/var/cache/capvm`), temporary directories,
+//! child processes it starts (QEMU, `vm`, the test host), `/dev/kvm`.
+
+pub mod console;
+pub mod harness;
+pub mod kit;
+pub mod launcher;
+pub mod marker;
+pub mod testhost;
+pub mod testvm;

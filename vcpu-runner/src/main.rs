@@ -1,1 +1,13 @@
-fn main() {}
+//! The `vcpu-runner` process; see the library for what it does.
+
+fn main() -> std::process::ExitCode {
+    match vcpu_runner::run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Before the sandbox, stderr may still be open; after it, the supervisor got the
+            // error on the bootstrap channel.
+            eprintln!("vcpu-runner: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! `dev-net`: serves one virtio-net NIC.
+//!
+//! Started by the per-VM supervisor with its bootstrap channel on fd 3; it will hold
+//! the guest RAM memfd and one tap descriptor. So far the process takes its bootstrap, enters capability mode
+//! (`child::start`, with this crate's `seccomp.policy`) and waits until the supervisor closes
+//! the channel; the device model itself comes with a later change.
+//!
+//! Trusts: its supervisor, for the bootstrap. Touches: only the descriptors it was given.
+
+/// This process's seccomp policy, on top of the sandbox's base policy.
+pub const SECCOMP_POLICY: &str = include_str!("../seccomp.policy");
+
+/// The role name this binary answers to.
+pub const ROLE: &str = "dev-net";
+
+/// Runs the process: bootstrap, capability mode, then serve until the supervisor hangs up.
+pub fn run() -> Result<(), child::StartError> {
+    let started = child::start(child::ChildKind {
+        role_name: ROLE,
+        policy: SECCOMP_POLICY,
+        threads: false,
+    })?;
+    child::wait_for_close(&started.channel);
+    tracing::info!("supervisor closed the channel; exiting");
+    Ok(())
+}

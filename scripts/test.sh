@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, property, device-level and end-to-end tests.
+# Tests that need root or a usable /dev/kvm print `SKIP: <reason>` where those are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --workspace --release --locked
+cargo test --workspace --release --locked
