@@ -12,7 +12,7 @@ use tests::kit::{Action, Kit, KitCmdline};
 use tests::launcher::{Accel, GuestSpec, Machine, QemuLauncher};
 use tests::testvm::{TestVm, VmError};
 
-const BOOT_TIMEOUT: Duration = Duration::from_mins(4);
+const BOOT_TIMEOUT: Duration = Duration::from_mins(2);
 const CMD_TIMEOUT: Duration = Duration::from_mins(1);
 const CPUS: u32 = 2;
 
@@ -28,25 +28,25 @@ fn main() -> ExitCode {
         E2e {
             name: "qemu_microvm_boots_kit_and_runs_a_command",
             needs: Needs::Kvm,
-            timeout: minutes(6),
+            timeout: minutes(4),
             run: microvm,
         },
         E2e {
             name: "qemu_q35_boots_kit_and_runs_a_command",
             needs: Needs::Kvm,
-            timeout: minutes(6),
+            timeout: minutes(4),
             run: q35,
         },
         E2e {
             name: "qemu_q35_boots_bzimage",
             needs: Needs::Kvm,
-            timeout: minutes(6),
+            timeout: minutes(4),
             run: q35_bzimage,
         },
         E2e {
             name: "qemu_microvm_agent_runs_commands_and_stops",
             needs: Needs::Kvm,
-            timeout: minutes(6),
+            timeout: minutes(4),
             run: agent,
         },
     ])
