@@ -227,3 +227,12 @@ pub fn wait_for_close(channel: &Channel) {
         }
     }
 }
+
+/// The whole life of a child whose device model is not written yet: start, then wait until the
+/// supervisor hangs up.
+pub fn start_and_wait(kind: ChildKind) -> Result<(), StartError> {
+    let started = start(kind)?;
+    wait_for_close(&started.channel);
+    tracing::info!("supervisor closed the channel; exiting");
+    Ok(())
+}

@@ -15,12 +15,9 @@ pub const ROLE: &str = "netcfg";
 
 /// Runs the process: bootstrap, capability mode, then serve until the supervisor hangs up.
 pub fn run() -> Result<(), child::StartError> {
-    let started = child::start(child::ChildKind {
+    child::start_and_wait(child::ChildKind {
         role_name: ROLE,
         policy: SECCOMP_POLICY,
         threads: false,
-    })?;
-    child::wait_for_close(&started.channel);
-    tracing::info!("supervisor closed the channel; exiting");
-    Ok(())
+    })
 }

@@ -216,6 +216,15 @@ fn microvm() -> anyhow::Result<()> {
 }
 
 fn q35() -> anyhow::Result<()> {
+    if std::env::var_os("CAPVM_IN_TESTHOST").is_some() {
+        // Measured twice in a row: the q35 PVH boot of the uncompressed kernel froze or killed
+        // the emulated test host (nested SVM under TCG), while the q35 bzImage and microvm
+        // boots pass there. On KVM with hardware virtualization it runs.
+        return Err(harness::skip(
+            "q35 + uncompressed kernel freezes the emulated test host (nested SVM under TCG); \
+             runs where /dev/kvm runs guests directly",
+        ));
+    }
     nested_retry(|| boot_and_run(Machine::Q35, false, "virtio-rng-pci"))
 }
 
