@@ -71,6 +71,8 @@ pub struct SandboxSettings {
 pub enum FdRole {
     /// Where the child writes its log.
     Log,
+    /// `/dev/kvm`, opened by the supervisor (the runner cannot open paths in capability mode).
+    Kvm,
     /// The guest RAM memfd.
     GuestMemory,
     /// A disk image or ISO.

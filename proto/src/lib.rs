@@ -4,6 +4,7 @@
 //!   attached as `SCM_RIGHTS`, and the version handshake.
 //! - [`bootstrap`]: supervisor → child on the child's fd 3, and the child's reply.
 //! - [`control`]: the `vm` CLI ↔ a per-VM supervisor.
+//! - [`runner`]: the per-VM supervisor ↔ `vcpu-runner` (machine config, guest exits).
 //!
 //! Types and transport only, no business logic. The crate trusts nothing it receives: every
 //! packet is checked before decoding, decoding is bounded, and each message type has a
@@ -38,6 +39,7 @@ pub mod bootstrap;
 mod bounds;
 pub mod channel;
 pub mod control;
+pub mod runner;
 
 pub use channel::{
     Channel, ChannelError, ChannelKind, MAX_FDS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Received,

@@ -7,6 +7,9 @@
 //!
 //! Trusts: its supervisor, for the bootstrap. Touches: only the descriptors it was given.
 
+pub mod devices;
+pub mod layout;
+
 /// This process's seccomp policy, on top of the sandbox's base policy.
 pub const SECCOMP_POLICY: &str = include_str!("../seccomp.policy");
 
