@@ -23,6 +23,7 @@
 #   CAPVM-KIT: exit <status>                         (after run/test)
 #   CAPVM-KIT: begin <id>  ...  CAPVM-KIT: end <id> exit=<status>   (agent)
 #   CAPVM-KIT: poweroff | reboot | halt              (just before it happens)
+#   CAPVM-KIT: power-button                          (ACPI power button pressed)
 #
 # Agent protocol: the host writes one line per command to the console,
 # "<id> <base64 of a shell command>" (id: [A-Za-z0-9_-]+, line < 4 KiB), or
@@ -94,6 +95,23 @@ while read -r m; do
     insmod "/lib/modules/kit/$m.ko" $opts 2>/tmp/insmod.err || marker warn "insmod $m: $(cat /tmp/insmod.err)"
 done </lib/modules/kit/order
 ip link set lo up 2>/dev/null
+
+# The ACPI power button (`vm stop`, QEMU's system_powerdown) is an input device
+# named "Power Button"; as a distribution's logind or acpid would, shut down
+# cleanly on its first event (one struct input_event is 24 bytes).
+watch_power_button() {
+    for d in /sys/class/input/input*; do
+        [ "$(cat "$d/name" 2>/dev/null)" = "Power Button" ] || continue
+        for e in "$d"/event*; do
+            [ -c "/dev/input/${e##*/}" ] || continue
+            (dd if="/dev/input/${e##*/}" bs=24 count=1 of=/dev/null 2>/dev/null &&
+                marker power-button && finish poweroff) &
+            return 0
+        done
+    done
+    return 1
+}
+watch_power_button || marker warn "no ACPI power button"
 marker ready "uptime=$(uptime_s)" "kernel=$(uname -r)" "cpus=$(grep -c '^processor' /proc/cpuinfo)"
 
 then=$(param then) || then=poweroff

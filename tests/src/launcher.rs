@@ -208,7 +208,8 @@ impl CapvmLauncher {
         ))
     }
 
-    fn vm_command(&self, workdir: &Path) -> Command {
+    /// A `vm` command against the datastore under `workdir` (as [`Launcher::command`] set it up).
+    pub fn vm_command(&self, workdir: &Path) -> Command {
         let mut command = Command::new(&self.vm);
         command
             .env("VM_DIR", workdir.join("vms"))

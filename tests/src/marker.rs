@@ -35,6 +35,8 @@ pub enum Marker {
     Poweroff,
     Reboot,
     Halt,
+    /// The ACPI power button was pressed; a clean poweroff follows.
+    PowerButton,
 }
 
 /// The fields of the ready marker.
@@ -135,6 +137,7 @@ pub fn parse(text: &str) -> Result<Marker, MarkerError> {
         "poweroff" => Ok(Marker::Poweroff),
         "reboot" => Ok(Marker::Reboot),
         "halt" => Ok(Marker::Halt),
+        "power-button" => Ok(Marker::PowerButton),
         _ => Err(err("unknown marker")),
     }
 }
@@ -169,6 +172,7 @@ impl fmt::Display for Marker {
             Marker::Poweroff => f.write_str("poweroff"),
             Marker::Reboot => f.write_str("reboot"),
             Marker::Halt => f.write_str("halt"),
+            Marker::PowerButton => f.write_str("power-button"),
         }
     }
 }

@@ -182,6 +182,11 @@ impl TestVm {
         &self.launcher
     }
 
+    /// The pid of the process the fixture started (a `timeout` wrapping the VMM).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The fixture's directory (console log, VMM files).
     pub fn workdir(&self) -> &Path {
         self.workdir.path()
