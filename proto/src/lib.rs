@@ -5,6 +5,7 @@
 //! - [`bootstrap`]: supervisor → child on the child's fd 3, and the child's reply.
 //! - [`control`]: the `vm` CLI ↔ a per-VM supervisor.
 //! - [`runner`]: the per-VM supervisor ↔ `vcpu-runner` (machine config, guest exits).
+//! - [`device`]: `vcpu-runner` ↔ a virtio device process (info, activate, reset, config).
 //!
 //! Types and transport only, no business logic. The crate trusts nothing it receives: every
 //! packet is checked before decoding, decoding is bounded, and each message type has a
@@ -39,6 +40,7 @@ pub mod bootstrap;
 mod bounds;
 pub mod channel;
 pub mod control;
+pub mod device;
 pub mod runner;
 
 pub use channel::{

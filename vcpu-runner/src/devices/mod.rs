@@ -9,6 +9,17 @@
 
 use std::sync::{Arc, Mutex};
 
+pub mod acpi_pm;
+pub mod cmos;
+pub mod i8042;
+pub mod pci;
+pub mod pci_config;
+pub mod serial;
+
+mod access;
+#[cfg(test)]
+mod fake_platform;
+
 use proto::runner::GuestExit;
 
 /// What a device may ask of the machine it is part of.

@@ -1,0 +1,325 @@
+//! The device channel: `vcpu-runner` ↔ one virtio device process (dev-blk, dev-net, dev-fb).
+//!
+//! The virtio-pci transport lives in the runner: PCI configuration space, capabilities,
+//! feature negotiation, queue setup, device status and MSI-X. The device process owns the
+//! queues' contents. The split, in the order things happen:
+//!
+//! 1. The supervisor creates one socketpair per device; the runner gets one end
+//!    ([`FdRole::DeviceChannel`], in device order), the device process the other. Both
+//!    handshake as [`ChannelKind::RunnerDevice`].
+//! 2. The device sends [`FromDevice::Info`]: its virtio device type, the features it offers,
+//!    its queue count and maximum size, its device-specific configuration space. The runner
+//!    waits for every device's `Info` before the first vCPU runs, and serves guest reads of the
+//!    configuration space from that copy (no round trip per read).
+//! 3. When the driver sets `DRIVER_OK`, the runner sends [`ToDevice::Activate`] with the
+//!    negotiated features and each enabled queue's size and ring addresses, and attaches two
+//!    eventfds per queue, in queue order: the kick (registered by the runner as a KVM
+//!    ioeventfd on the queue's notify address) and the call (a KVM irqfd routed from the
+//!    queue's MSI-X vector). From then on a request goes guest → KVM → device → guest RAM →
+//!    irqfd → guest without the runner. The device answers [`FromDevice::Activated`], or
+//!    [`FromDevice::NeedsReset`] if it cannot use what it was given.
+//! 4. A guest write to the configuration space is a [`ToDevice::ConfigWrite`]; a change the
+//!    device makes (a resized disk, a link going down) is a [`FromDevice::ConfigChanged`] with
+//!    the new bytes, and the runner raises the configuration-change interrupt. A device reset
+//!    by the driver is a [`ToDevice::Reset`]: the device stops using the queues and drops their
+//!    eventfds.
+//! 5. After a device process crashed, the supervisor starts a new one on a new socketpair and
+//!    hands the runner its end; the runner sends the same `Activate` (same eventfds, so the KVM
+//!    registrations stay) and the device resumes from the ring indices in guest memory.
+//!
+//! The runner treats the device as hostile (it parses guest data and may be compromised):
+//! [`FromDevice::validate`] bounds everything, and the runner never lets a device name a
+//! queue, feature or config byte it did not offer in its `Info`.
+//!
+//! [`FdRole::DeviceChannel`]: crate::bootstrap::FdRole::DeviceChannel
+//! [`ChannelKind::RunnerDevice`]: crate::channel::ChannelKind::RunnerDevice
+
+use serde::{Deserialize, Serialize};
+
+use crate::bounds::{clip, is_printable_ascii};
+
+/// Most queues of one device: two eventfds each must fit one message's
+/// [`MAX_FDS`](crate::MAX_FDS).
+pub const MAX_QUEUES: u16 = 16;
+/// Largest virtio queue (split ring), a power of two.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Largest device-specific configuration space, in bytes.
+pub const MAX_CONFIG_BYTES: usize = 256;
+/// Longest reason text, in bytes.
+pub const MAX_DEVICE_REASON_BYTES: usize = 256;
+
+/// One enabled virtqueue, as the driver set it up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueConfig {
+    /// The queue's index within the device.
+    pub index: u16,
+    /// Entries, a power of two, at most the device's `max_queue_size`.
+    pub size: u16,
+    /// Guest-physical address of the descriptor table.
+    pub desc: u64,
+    /// Guest-physical address of the available (driver) ring.
+    pub avail: u64,
+    /// Guest-physical address of the used (device) ring.
+    pub used: u64,
+}
+
+/// Runner → device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToDevice {
+    /// Start serving `queues` with `features`; two eventfds per queue (kick, call) are
+    /// attached in the order of `queues`.
+    Activate {
+        features: u64,
+        queues: Vec<QueueConfig>,
+    },
+    /// The driver reset the device: stop using the queues, drop their eventfds, forget the
+    /// negotiated features. Answered with [`FromDevice::ResetDone`].
+    Reset,
+    /// The driver wrote `data` at `offset` of the device-specific configuration space.
+    ConfigWrite { offset: u16, data: Vec<u8> },
+}
+
+/// What a device is, sent once after the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// The virtio device type (2 = block, 1 = network, ...).
+    pub device_type: u16,
+    /// Feature bits the device offers (`VIRTIO_F_VERSION_1` included).
+    pub features: u64,
+    /// Queues, 1..=[`MAX_QUEUES`].
+    pub queues: u16,
+    /// Largest queue the device accepts, a power of two ≤ [`MAX_QUEUE_SIZE`].
+    pub max_queue_size: u16,
+    /// The device-specific configuration space, at most [`MAX_CONFIG_BYTES`].
+    pub config: Vec<u8>,
+}
+
+/// Device → runner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromDevice {
+    Info(DeviceInfo),
+    /// The queues of the last `Activate` are served.
+    Activated,
+    /// The last `Reset` is done.
+    ResetDone,
+    /// The configuration space changed to `config` (same length as in `Info`).
+    ConfigChanged { config: Vec<u8> },
+    /// The device cannot go on (a broken ring, an unusable `Activate`): the runner sets
+    /// `DEVICE_NEEDS_RESET` and raises the configuration interrupt.
+    NeedsReset { reason: String },
+}
+
+/// A device message or configuration outside its bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceMessageError {
+    #[error("queue count {0} is not within 1..={MAX_QUEUES}")]
+    QueueCount(usize),
+    #[error("queue size {0} is not a power of two within 1..={MAX_QUEUE_SIZE}")]
+    QueueSize(u16),
+    #[error("queue index {0} repeated or beyond the device's queues")]
+    QueueIndex(u16),
+    #[error("configuration space of {0} bytes is larger than {MAX_CONFIG_BYTES}")]
+    ConfigTooLarge(usize),
+    #[error("configuration write at {offset}+{len} is outside the space")]
+    ConfigRange { offset: u16, len: usize },
+    #[error("reason text must be printable ASCII of at most {MAX_DEVICE_REASON_BYTES} bytes")]
+    Reason,
+}
+
+fn check_queue_size(size: u16) -> Result<(), DeviceMessageError> {
+    if size == 0 || size > MAX_QUEUE_SIZE || !size.is_power_of_two() {
+        return Err(DeviceMessageError::QueueSize(size));
+    }
+    Ok(())
+}
+
+fn check_config(config: &[u8]) -> Result<(), DeviceMessageError> {
+    if config.len() > MAX_CONFIG_BYTES {
+        return Err(DeviceMessageError::ConfigTooLarge(config.len()));
+    }
+    Ok(())
+}
+
+impl DeviceInfo {
+    /// Checks the bounds the runner relies on.
+    pub fn validate(&self) -> Result<(), DeviceMessageError> {
+        if self.queues == 0 || self.queues > MAX_QUEUES {
+            return Err(DeviceMessageError::QueueCount(usize::from(self.queues)));
+        }
+        check_queue_size(self.max_queue_size)?;
+        check_config(&self.config)
+    }
+}
+
+impl ToDevice {
+    /// Checks an `Activate` against the device's own `info` (the device calls this before
+    /// touching guest memory), or a `ConfigWrite` against its configuration space.
+    pub fn validate(&self, info: &DeviceInfo) -> Result<(), DeviceMessageError> {
+        match self {
+            ToDevice::Activate { queues, .. } => {
+                if queues.is_empty() || queues.len() > usize::from(info.queues) {
+                    return Err(DeviceMessageError::QueueCount(queues.len()));
+                }
+                let mut seen = 0u32;
+                for q in queues {
+                    let bit = 1u32.checked_shl(u32::from(q.index)).unwrap_or(0);
+                    if q.index >= info.queues || seen & bit != 0 {
+                        return Err(DeviceMessageError::QueueIndex(q.index));
+                    }
+                    seen |= bit;
+                    check_queue_size(q.size)?;
+                    if q.size > info.max_queue_size {
+                        return Err(DeviceMessageError::QueueSize(q.size));
+                    }
+                }
+                Ok(())
+            }
+            ToDevice::Reset => Ok(()),
+            ToDevice::ConfigWrite { offset, data } => {
+                let end = usize::from(*offset).checked_add(data.len());
+                if data.is_empty() || end.is_none_or(|e| e > info.config.len()) {
+                    return Err(DeviceMessageError::ConfigRange {
+                        offset: *offset,
+                        len: data.len(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Eventfds that must arrive with this message.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            ToDevice::Activate { queues, .. } => queues.len().saturating_mul(2),
+            _ => 0,
+        }
+    }
+}
+
+impl FromDevice {
+    /// A [`FromDevice::NeedsReset`] with `reason` made to fit.
+    pub fn needs_reset(reason: &str) -> Self {
+        let cleaned: String = reason
+            .chars()
+            .map(|c| if (' '..='~').contains(&c) { c } else { ' ' })
+            .collect();
+        FromDevice::NeedsReset {
+            reason: clip(&cleaned, MAX_DEVICE_REASON_BYTES),
+        }
+    }
+
+    /// Checks the message's bounds; the runner calls this on everything it receives.
+    pub fn validate(&self) -> Result<(), DeviceMessageError> {
+        match self {
+            FromDevice::Info(info) => info.validate(),
+            FromDevice::Activated | FromDevice::ResetDone => Ok(()),
+            FromDevice::ConfigChanged { config } => check_config(config),
+            FromDevice::NeedsReset { reason } => {
+                if reason.len() > MAX_DEVICE_REASON_BYTES || !is_printable_ascii(reason) {
+                    return Err(DeviceMessageError::Reason);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> DeviceInfo {
+        DeviceInfo {
+            device_type: 2,
+            features: 1 << 32,
+            queues: 2,
+            max_queue_size: 256,
+            config: vec![0; 60],
+        }
+    }
+
+    fn queue(index: u16, size: u16) -> QueueConfig {
+        QueueConfig {
+            index,
+            size,
+            desc: 0x1000,
+            avail: 0x2000,
+            used: 0x3000,
+        }
+    }
+
+    #[test]
+    fn a_sensible_device_and_activation_are_valid() {
+        assert_eq!(info().validate(), Ok(()));
+        let a = ToDevice::Activate {
+            features: 1 << 32,
+            queues: vec![queue(0, 256), queue(1, 128)],
+        };
+        assert_eq!(a.validate(&info()), Ok(()));
+        assert_eq!(a.fd_count(), 4);
+    }
+
+    #[test]
+    fn activations_outside_the_devices_offer_are_refused() {
+        let act = |queues| ToDevice::Activate {
+            features: 0,
+            queues,
+        };
+        assert_eq!(
+            act(vec![queue(0, 100)]).validate(&info()),
+            Err(DeviceMessageError::QueueSize(100))
+        );
+        assert_eq!(
+            act(vec![queue(0, 512)]).validate(&info()),
+            Err(DeviceMessageError::QueueSize(512))
+        );
+        assert_eq!(
+            act(vec![queue(0, 0)]).validate(&info()),
+            Err(DeviceMessageError::QueueSize(0))
+        );
+        assert_eq!(
+            act(vec![queue(2, 64)]).validate(&info()),
+            Err(DeviceMessageError::QueueIndex(2))
+        );
+        assert_eq!(
+            act(vec![queue(1, 64), queue(1, 64)]).validate(&info()),
+            Err(DeviceMessageError::QueueIndex(1))
+        );
+        assert_eq!(
+            act(vec![]).validate(&info()),
+            Err(DeviceMessageError::QueueCount(0))
+        );
+        assert!(act(vec![queue(0, 8), queue(1, 8), queue(0, 8)])
+            .validate(&info())
+            .is_err());
+    }
+
+    #[test]
+    fn config_writes_must_stay_inside_the_space() {
+        let w = |offset, len| ToDevice::ConfigWrite {
+            offset,
+            data: vec![1; len],
+        };
+        assert_eq!(w(56, 4).validate(&info()), Ok(()));
+        assert!(w(57, 4).validate(&info()).is_err());
+        assert!(w(0, 0).validate(&info()).is_err());
+        assert!(w(u16::MAX, 2).validate(&info()).is_err());
+    }
+
+    #[test]
+    fn device_messages_are_bounded() {
+        let mut i = info();
+        i.queues = MAX_QUEUES + 1;
+        assert!(FromDevice::Info(i).validate().is_err());
+        let mut i = info();
+        i.config = vec![0; MAX_CONFIG_BYTES + 1];
+        assert!(FromDevice::Info(i).validate().is_err());
+        let m = FromDevice::needs_reset(&"\u{1b}bad ring ".repeat(100));
+        assert_eq!(m.validate(), Ok(()));
+        let bad = FromDevice::NeedsReset {
+            reason: "\n".into(),
+        };
+        assert_eq!(bad.validate(), Err(DeviceMessageError::Reason));
+    }
+}
