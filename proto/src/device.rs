@@ -48,6 +48,73 @@ pub const MAX_CONFIG_BYTES: usize = 256;
 /// Longest reason text, in bytes.
 pub const MAX_DEVICE_REASON_BYTES: usize = 256;
 
+/// Most guest RAM regions of a [`MemoryRegion`] list.
+pub const MAX_MEMORY_REGIONS: usize = 8;
+/// Longest virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
+pub const MAX_BLK_SERIAL_BYTES: usize = 20;
+
+/// Where a piece of the guest RAM memfd sits in guest-physical memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRegion {
+    pub guest_addr: u64,
+    pub size: u64,
+    /// Offset of the region in the [`GuestMemory`](crate::bootstrap::FdRole::GuestMemory) memfd.
+    pub file_offset: u64,
+}
+
+/// What the supervisor tells a device process about its job, on the bootstrap channel right
+/// after [`BootstrapReply::Ready`](crate::bootstrap::BootstrapReply::Ready) (the device's
+/// channel to the runner is its [`FdRole::DeviceChannel`](crate::bootstrap::FdRole::DeviceChannel)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceSetup {
+    Block(BlockSetup),
+}
+
+/// A virtio-blk device (`diskN`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockSetup {
+    /// The guest RAM layout, at most [`MAX_MEMORY_REGIONS`] non-overlapping regions.
+    pub memory: Vec<MemoryRegion>,
+    /// Refuse writes and offer `VIRTIO_BLK_F_RO` (`diskN_opts="ro"`, install media).
+    pub read_only: bool,
+    /// The logical block size offered with `BLK_SIZE` (`sectorsize=`): 512..=4096, a power of two.
+    pub logical_block_size: u32,
+    /// The `GET_ID` answer: printable ASCII, at most [`MAX_BLK_SERIAL_BYTES`].
+    pub serial: String,
+    /// Request queues (`MQ`), 1..=[`MAX_QUEUES`].
+    pub queues: u16,
+}
+
+impl BlockSetup {
+    /// Checks the bounds the device relies on.
+    pub fn validate(&self) -> Result<(), DeviceMessageError> {
+        if self.memory.is_empty() || self.memory.len() > MAX_MEMORY_REGIONS {
+            return Err(DeviceMessageError::Memory);
+        }
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        for r in &self.memory {
+            let end = r.guest_addr.checked_add(r.size).ok_or(DeviceMessageError::Memory)?;
+            r.file_offset.checked_add(r.size).ok_or(DeviceMessageError::Memory)?;
+            if r.size == 0 || spans.iter().any(|&(a, e)| r.guest_addr < e && a < end) {
+                return Err(DeviceMessageError::Memory);
+            }
+            spans.push((r.guest_addr, end));
+        }
+        if !(512..=4096).contains(&self.logical_block_size)
+            || !self.logical_block_size.is_power_of_two()
+        {
+            return Err(DeviceMessageError::BlockSize(self.logical_block_size));
+        }
+        if self.serial.len() > MAX_BLK_SERIAL_BYTES || !is_printable_ascii(&self.serial) {
+            return Err(DeviceMessageError::Serial);
+        }
+        if self.queues == 0 || self.queues > MAX_QUEUES {
+            return Err(DeviceMessageError::QueueCount(usize::from(self.queues)));
+        }
+        Ok(())
+    }
+}
+
 /// One enabled virtqueue, as the driver set it up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueConfig {
@@ -124,6 +191,12 @@ pub enum DeviceMessageError {
     ConfigRange { offset: u16, len: usize },
     #[error("reason text must be printable ASCII of at most {MAX_DEVICE_REASON_BYTES} bytes")]
     Reason,
+    #[error("guest memory regions must be 1..={MAX_MEMORY_REGIONS}, non-empty, non-overlapping")]
+    Memory,
+    #[error("logical block size {0} is not a power of two in 512..=4096")]
+    BlockSize(u32),
+    #[error("serial must be printable ASCII of at most {MAX_BLK_SERIAL_BYTES} bytes")]
+    Serial,
 }
 
 fn check_queue_size(size: u16) -> Result<(), DeviceMessageError> {
@@ -305,6 +378,37 @@ mod tests {
         assert!(w(57, 4).validate(&info()).is_err());
         assert!(w(0, 0).validate(&info()).is_err());
         assert!(w(u16::MAX, 2).validate(&info()).is_err());
+    }
+
+    #[test]
+    fn block_setups_are_bounded() {
+        let region = |guest_addr, size| MemoryRegion {
+            guest_addr,
+            size,
+            file_offset: 0,
+        };
+        let ok = BlockSetup {
+            memory: vec![region(0, 1 << 30), region(1 << 32, 1 << 30)],
+            read_only: false,
+            logical_block_size: 512,
+            serial: "capvm-0123".into(),
+            queues: 2,
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let mut b = ok.clone();
+        b.memory = vec![region(0, 1 << 30), region(1 << 29, 1 << 20)];
+        assert_eq!(b.validate(), Err(DeviceMessageError::Memory));
+        b.memory = vec![region(u64::MAX, 2)];
+        assert_eq!(b.validate(), Err(DeviceMessageError::Memory));
+        let mut b = ok.clone();
+        b.logical_block_size = 1000;
+        assert!(b.validate().is_err());
+        let mut b = ok.clone();
+        b.serial = "x".repeat(21);
+        assert_eq!(b.validate(), Err(DeviceMessageError::Serial));
+        let mut b = ok;
+        b.queues = 0;
+        assert!(b.validate().is_err());
     }
 
     #[test]
