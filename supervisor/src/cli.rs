@@ -91,6 +91,60 @@ pub enum Command {
         /// Guest to remove
         name: String,
     },
+    /// Start guests (each detached, vm_delay seconds apart), or one in the foreground with -f
+    Start {
+        /// Stay in the foreground with the serial console on stdin/stdout; exit with the guest
+        #[arg(short = 'f')]
+        foreground: bool,
+        /// Guests to start
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Press the ACPI power button of running guests and wait until they are off
+    Stop {
+        /// Seconds to wait before forcing the guest off (default: its stop_timeout, else 30; 0 never forces)
+        #[arg(short = 't', value_name = "SECS", value_parser = clap::value_parser!(u32).range(0..=3600))]
+        timeout: Option<u32>,
+        /// Guests to stop
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Shut a guest down through ACPI and boot it again
+    Restart {
+        /// Guest to restart
+        name: String,
+    },
+    /// Reset a guest at once, without a shutdown
+    Reset {
+        /// Do not ask for confirmation
+        #[arg(short = 'f')]
+        force: bool,
+        /// Guest to reset
+        name: String,
+    },
+    /// Stop a guest at once, as pulling the plug
+    Poweroff {
+        /// Do not ask for confirmation
+        #[arg(short = 'f')]
+        force: bool,
+        /// Guest to power off
+        name: String,
+    },
+    /// Attach to a running guest's serial console (~. detaches)
+    Console {
+        /// Guest to attach to
+        name: String,
+    },
+    /// Start the guests of vm_list in order, vm_delay seconds apart
+    Startall,
+    /// Stop the guests of vm_list in reverse order, then every other running guest
+    Stopall,
+    /// The per-VM supervisor that `vm start` runs detached (not for direct use)
+    #[command(name = "_run", hide = true)]
+    Supervise {
+        /// Guest to run
+        name: String,
+    },
     /// List install media, or download one (http, https, ftp, file) into .iso
     Iso {
         /// Datastore to download into
@@ -193,6 +247,36 @@ mod tests {
             (size, cpus, memory),
             (Some("8G".into()), Some("2".into()), Some("1G".into()))
         );
+    }
+
+    #[test]
+    fn lifecycle_commands_parse_with_vm_bhyve_options() {
+        let cli = Cli::try_parse_from(["vm", "start", "-f", "a"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Start { foreground: true, ref names } if names == &["a"])
+        );
+        let cli = Cli::try_parse_from(["vm", "stop", "-t", "5", "a", "b"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Stop { timeout: Some(5), ref names } if names.len() == 2)
+        );
+        let cli = Cli::try_parse_from(["vm", "poweroff", "-f", "a"]).unwrap();
+        assert!(matches!(cli.command, Command::Poweroff { force: true, .. }));
+        let cli = Cli::try_parse_from(["vm", "_run", "a"]).unwrap();
+        assert!(matches!(cli.command, Command::Supervise { .. }));
+        assert!(Cli::try_parse_from(["vm", "stop", "-t", "3601", "a"]).is_err());
+        assert!(Cli::try_parse_from(["vm", "start"]).is_err());
+    }
+
+    #[test]
+    fn exact_names_win_over_longer_commands() {
+        let cli = Cli::try_parse_from(["vm", "start", "a"]).unwrap();
+        assert!(matches!(cli.command, Command::Start { .. }));
+        let cli = Cli::try_parse_from(["vm", "stop", "a"]).unwrap();
+        assert!(matches!(cli.command, Command::Stop { .. }));
+        let cli = Cli::try_parse_from(["vm", "startall"]).unwrap();
+        assert!(matches!(cli.command, Command::Startall));
+        let cli = Cli::try_parse_from(["vm", "cons", "a"]).unwrap();
+        assert!(matches!(cli.command, Command::Console { .. }));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::destroy::{self, DestroyError};
 use crate::guest_config::{GuestConfig, GuestConfigError};
 use crate::host_config::{HostConfig, HostConfigError};
 use crate::info;
+use crate::lifecycle::{self, Force, LifecycleError};
 use crate::list;
 use crate::media::{self, MediaError, MediaKind};
 use crate::rename::{self, RenameError};
@@ -45,6 +46,10 @@ pub enum CommandError {
     Destroy(#[from] DestroyError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleError),
     #[error("writing output failed")]
     Output(#[from] io::Error),
     #[error("encoding JSON failed")]
@@ -123,6 +128,27 @@ pub fn run(cli: &Cli, io: &mut Streams<'_>) -> Result<bool, CommandError> {
             Ok(true)
         }
         Command::Destroy { force, name } => run_destroy(vm_dir, *force, name, io),
+        Command::Start { foreground, names } => Ok(if *foreground {
+            lifecycle::start_foreground(&host, names, io)?
+        } else {
+            lifecycle::start(&host, names, io)?
+        }),
+        Command::Stop { timeout, names } => Ok(lifecycle::stop(&host, names, *timeout, io)?),
+        Command::Restart { name } => Ok(lifecycle::restart(&host, name, io)?),
+        Command::Reset { force, name } => {
+            Ok(lifecycle::force(&host, name, Force::Reset, *force, io)?)
+        }
+        Command::Poweroff { force, name } => {
+            Ok(lifecycle::force(&host, name, Force::Poweroff, *force, io)?)
+        }
+        Command::Console { name } => {
+            let dir = lifecycle::console_target(&host, name)?;
+            crate::console::attach(&dir, name)?;
+            Ok(true)
+        }
+        Command::Startall => Ok(lifecycle::startall(&host, io)?),
+        Command::Stopall => Ok(lifecycle::stopall(&host, io)?),
+        Command::Supervise { name } => Ok(lifecycle::run_detached(&host, name)?),
         Command::Iso { datastore, url } => {
             run_media(vm_dir, MediaKind::Iso, datastore, url.as_deref(), io)
         }

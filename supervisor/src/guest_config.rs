@@ -263,6 +263,29 @@ impl Default for Graphics {
     }
 }
 
+/// What the supervisor does when the guest faults or its vcpu-runner crashes (`on_fault`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFault {
+    /// End the guest, as a poweroff would (vm-bhyve's behaviour for a bhyve error exit).
+    #[default]
+    Stop,
+    /// Boot the guest again, as a reboot would.
+    Restart,
+}
+
+impl OnFault {
+    fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "stop" => Ok(OnFault::Stop),
+            "restart" => Ok(OnFault::Restart),
+            other => Err(format!(
+                "unknown on_fault {other:?} (expected stop or restart)"
+            )),
+        }
+    }
+}
+
 /// A guest config, checked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GuestConfig {
@@ -275,6 +298,10 @@ pub struct GuestConfig {
     #[serde(serialize_with = "serialize_uuid")]
     pub uuid: Option<uuid::Uuid>,
     pub loader_timeout: Option<u32>,
+    /// `on_fault`: what a guest fault or runner crash does.
+    pub on_fault: OnFault,
+    /// `stop_timeout`: seconds `vm stop` waits before forcing the guest off.
+    pub stop_timeout: Option<u32>,
     pub linux: LinuxBoot,
     pub disks: Vec<Disk>,
     pub nics: Vec<Nic>,
@@ -405,6 +432,17 @@ impl Checker<'_> {
                 uuid::Uuid::parse_str(v).map_err(|_| format!("{v:?} is not a UUID"))
             }),
             loader_timeout: self.typed("loader_timeout", parse_seconds),
+            on_fault: self.typed("on_fault", OnFault::parse).unwrap_or_default(),
+            stop_timeout: self.typed("stop_timeout", |v| {
+                let secs = parse_seconds(v)?;
+                if secs > proto::control::MAX_STOP_TIMEOUT_SECS {
+                    return Err(format!(
+                        "{v:?} is over {} seconds",
+                        proto::control::MAX_STOP_TIMEOUT_SECS
+                    ));
+                }
+                Ok(secs)
+            }),
             linux,
             disks,
             nics,
@@ -709,6 +747,30 @@ mod tests {
     }
 
     const SEED: &str = include_str!("../templates/freebsd-uefi.conf");
+
+    #[test]
+    fn on_fault_and_stop_timeout_are_read_and_checked() {
+        let c = parse("on_fault=\"restart\"\nstop_timeout=90\n")
+            .unwrap()
+            .config;
+        assert_eq!((c.on_fault, c.stop_timeout), (OnFault::Restart, Some(90)));
+        let c = parse("cpu=1\n").unwrap().config;
+        assert_eq!((c.on_fault, c.stop_timeout), (OnFault::Stop, None));
+
+        let errs = errors("on_fault=maybe\nstop_timeout=3601\n");
+
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0].ends_with(
+                "g.conf:1: on_fault: unknown on_fault \"maybe\" (expected stop or restart)"
+            ),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].ends_with("g.conf:2: stop_timeout: \"3601\" is over 3600 seconds"),
+            "{errs:?}"
+        );
+    }
 
     #[test]
     fn seed_template_parses_without_warnings() {

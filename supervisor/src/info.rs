@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 
+use proto::control::ProcessInfo;
 use serde::Serialize;
 
 use crate::conf::Conf;
@@ -56,6 +57,10 @@ pub struct GuestInfo {
     pub memory: Option<String>,
     pub network_interfaces: Vec<NicInfo>,
     pub virtual_disks: Vec<DiskInfo>,
+    /// Seconds since the guest started, from its supervisor.
+    pub uptime_secs: Option<u64>,
+    /// The guest's processes (the supervisor first), from its supervisor.
+    pub processes: Vec<ProcessInfo>,
     pub warnings: Vec<String>,
     pub errors: Vec<String>,
 }
@@ -91,6 +96,20 @@ pub fn gather(guest: &Guest) -> GuestInfo {
     };
     let (run, state_word, state_error) = state_words(&guest.dir);
     errors.extend(state_error);
+    let status = match run {
+        RunState::Running { .. } => crate::lifecycle::status_of(&guest.dir),
+        RunState::Stopped => None,
+    };
+    let processes = status.as_ref().map_or_else(Vec::new, |s| {
+        let mut all = vec![ProcessInfo {
+            role: "supervisor".to_owned(),
+            pid: s.pid,
+            rss_kib: crate::monitor::runner::rss_kib(s.pid),
+            restarts: 0,
+        }];
+        all.extend(s.processes.iter().cloned());
+        all
+    });
     GuestInfo {
         name: guest.name.clone(),
         state: state_word.to_owned(),
@@ -106,6 +125,8 @@ pub fn gather(guest: &Guest) -> GuestInfo {
         memory: value(&conf, "memory"),
         network_interfaces: nics(&conf),
         virtual_disks: disks(&conf, guest),
+        uptime_secs: status.map(|s| s.uptime_secs),
+        processes,
         warnings,
         errors,
     }
@@ -174,6 +195,22 @@ pub fn bytes_human(bytes: u64) -> String {
     format!("{value:.3}{}", UNITS.get(unit).copied().unwrap_or("T"))
 }
 
+/// `1d 02:03:04`, `02:03:04`.
+pub fn uptime_text(secs: u64) -> String {
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let hms = format!(
+        "{:02}:{:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    );
+    if days > 0 {
+        format!("{days}d {hms}")
+    } else {
+        hms
+    }
+}
+
 fn dash(v: Option<&String>) -> &str {
     v.map_or("-", String::as_str)
 }
@@ -196,6 +233,19 @@ pub fn render_text(info: &GuestInfo) -> String {
     let _ = writeln!(s, "  uuid: {}", info.uuid.as_deref().unwrap_or("auto"));
     let _ = writeln!(s, "  cpu: {}", dash(info.cpu.as_ref()));
     let _ = writeln!(s, "  memory: {}", dash(info.memory.as_ref()));
+    if let Some(uptime) = info.uptime_secs {
+        let _ = writeln!(s, "  uptime: {}", uptime_text(uptime));
+    }
+    for p in &info.processes {
+        let _ = writeln!(
+            s,
+            "  process: {} pid {} rss {} restarts {}",
+            p.role,
+            p.pid,
+            bytes_human(p.rss_kib.saturating_mul(1024)),
+            p.restarts
+        );
+    }
     for nic in &info.network_interfaces {
         let _ = writeln!(s, "\n  network-interface");
         let _ = writeln!(s, "    number: {}", nic.number);
@@ -241,6 +291,12 @@ mod tests {
         };
         fs::write(guest.conf_path(), conf).unwrap();
         (dir, guest)
+    }
+
+    #[test]
+    fn uptime_reads_as_days_and_clock() {
+        assert_eq!(uptime_text(59), "00:00:59");
+        assert_eq!(uptime_text(86_400 + 3723), "1d 01:02:03");
     }
 
     #[test]

@@ -85,11 +85,14 @@ pub fn spawn(
 
     let mut cmd = Command::new(binary);
     cmd.stdin(Stdio::null());
-    // SAFETY: the closure runs in the forked child before exec and calls only dup2 and fcntl,
-    // which are async-signal-safe; `theirs_raw` stays open in the parent until after spawn
-    // returns, so it is a valid descriptor in the child.
+    // SAFETY: the closure runs in the forked child before exec and calls only dup2, fcntl and
+    // sigprocmask, which are async-signal-safe; `theirs_raw` stays open in the parent until
+    // after spawn returns, so it is a valid descriptor in the child.
     unsafe {
-        cmd.pre_exec(move || place_bootstrap_fd(theirs_raw));
+        cmd.pre_exec(move || {
+            place_bootstrap_fd(theirs_raw)?;
+            unblock_signals()
+        });
     }
     let mut process = cmd.spawn().map_err(|source| SpawnError::Exec {
         path: binary.to_path_buf(),
@@ -136,6 +139,21 @@ fn bootstrap_child(
             Err(SpawnError::ChildFailed { role, stage, error })
         }
     }
+}
+
+/// In the child, between fork and exec: an empty signal mask, since the per-VM supervisor
+/// blocks the signals it reads from a signalfd and a mask survives exec.
+fn unblock_signals() -> std::io::Result<()> {
+    // SAFETY: `set` is a local sigset_t initialised by sigemptyset before use; sigprocmask
+    // only reads it; both are async-signal-safe.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        if libc::sigprocmask(libc::SIG_SETMASK, &raw const set, std::ptr::null_mut()) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// In the child, between fork and exec: put the bootstrap socket on fd 3, inheritable.

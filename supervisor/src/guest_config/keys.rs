@@ -51,6 +51,8 @@ pub static KEYS: &[KeySpec] = &[
     key("wired_memory", No, "wire all guest memory", "wired_memory=\"yes\""),
     key("utctime", Yes, "RTC in UTC (default yes) instead of local time", "utctime=\"yes\""),
     key("uuid", Yes, "fixed SMBIOS UUID; written by vm create", "uuid=\"5a1c…\""),
+    key("on_fault", Yes, "capvm: what a triple fault or a crashed vcpu-runner does: stop (default) or restart", "on_fault=\"restart\""),
+    key("stop_timeout", Yes, "capvm: seconds vm stop waits for the guest to power off before forcing it (default 30)", "stop_timeout=60"),
     key("loader_timeout", Partial, "bhyveload/grub menu timeout in seconds; checked, no effect on uefi/linux boot", "loader_timeout=5"),
     key("linux_kernel", Yes, "capvm: bzImage for loader=linux (relative paths are in the guest directory)", "linux_kernel=\"vmlinuz\""),
     key("linux_initrd", Yes, "capvm: initramfs for loader=linux", "linux_initrd=\"initrd.img\""),

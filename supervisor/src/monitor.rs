@@ -1,0 +1,724 @@
+//! The per-VM supervisor: `vm _run NAME` (forked by `vm start`), or `vm start -f NAME` in the
+//! foreground.
+//!
+//! It holds the guest's run lock for its whole life, serves the control socket
+//! ([`crate::control_socket`]), starts a vcpu-runner per boot ([`runner`]) and watches it,
+//! keeps the console ring and its viewers ([`viewers`]), and writes `vm-bhyve.log`. One thread
+//! polls everything: the control listener, the runner's channel, its pidfd, its console, each
+//! viewer, a signalfd, and the nearest deadline as the poll timeout.
+//!
+//! The run loop is vm-bhyve's: a guest reboot boots it again in place (a new runner and new
+//! guest RAM), a poweroff ends it, a triple fault or a crashed runner ends it unless
+//! `on_fault="restart"`. What the runner says is checked ([`FromRunner::validate`]): it runs
+//! guest-controlled code paths and may be compromised. A malformed message kills it.
+//!
+//! Files: `GUEST_DIR/run.lock` (held), `GUEST_DIR/run/control.sock`, `GUEST_DIR/vm-bhyve.log`
+//! (lifecycle lines) and `GUEST_DIR/vcpu-runner.log` (the runner's own `tracing` output,
+//! truncated at each start).
+
+mod control;
+pub mod runner;
+pub mod viewers;
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{MsgFlags, recv, send};
+use proto::channel::ChannelError;
+use proto::runner::{FromRunner, GuestExit, ToRunner};
+
+use self::runner::{BootContext, BootError, RunnerProcess};
+use self::viewers::{Input, MAX_INPUT_BACKLOG, Viewer};
+use crate::control_socket::{self, ControlSocketError};
+use crate::guest_config::OnFault;
+use crate::preflight::BootPlan;
+use crate::ring::{CONSOLE_RING_BYTES, Ring};
+use crate::state::{GuestLock, StateError};
+use crate::vmlog::{VmLog, VmLogError};
+
+/// The runner's log file in the guest directory.
+pub const RUNNER_LOG_FILE: &str = "vcpu-runner.log";
+/// How long a runner may take from its start to `Running`.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a runner may linger after reporting the guest's end, or after SIGKILL.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// `on_fault="restart"` gives up after this many fault restarts within [`FAULT_WINDOW`].
+const MAX_FAULT_RESTARTS: usize = 5;
+const FAULT_WINDOW: Duration = Duration::from_mins(1);
+
+/// Why the supervisor could not run the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error(transparent)]
+    Lock(#[from] StateError),
+    #[error(transparent)]
+    Log(#[from] VmLogError),
+    #[error("opening {path} failed")]
+    RunnerLog {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Control(#[from] ControlSocketError),
+    #[error("starting the guest failed")]
+    Boot(#[from] BootError),
+    #[error("the guest did not start: {0}")]
+    NotStarted(String),
+    #[error("setting up signal handling failed")]
+    Signals(#[source] nix::Error),
+    #[error("polling failed")]
+    Poll(#[source] nix::Error),
+}
+
+/// How the guest ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered itself off (after `vm stop`'s button press, or on its own).
+    PoweredOff,
+    /// The supervisor pulled the plug (`vm poweroff`, or a stop that timed out).
+    ForcedOff,
+    /// A triple fault, a crashed vCPU or a runner that died.
+    Faulted,
+}
+
+/// What the supervisor runs.
+#[derive(Debug, Clone)]
+pub struct MonitorConfig {
+    pub name: String,
+    pub guest_dir: PathBuf,
+    pub plan: BootPlan,
+    /// The `vcpu-runner` executable.
+    pub runner_binary: PathBuf,
+}
+
+/// What the user asked for, which decides what the runner's end means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Intent {
+    Run,
+    /// `vm stop`: the button was pressed; force it off at the deadline.
+    Stop {
+        deadline: Option<Instant>,
+        secs: u32,
+    },
+    /// `vm restart`: as stop, then boot again.
+    Restart {
+        deadline: Option<Instant>,
+        secs: u32,
+    },
+    Poweroff,
+    Reset,
+}
+
+/// The guest's COM1 as the supervisor holds it.
+#[derive(Debug)]
+struct Console {
+    ring: Ring,
+    /// Typed input waiting for the runner to take it.
+    to_guest: VecDeque<u8>,
+    /// The runner closed its end.
+    eof: bool,
+    viewers: Vec<Viewer>,
+}
+
+/// The supervisor's state while the guest runs.
+struct Monitor<'a> {
+    cfg: MonitorConfig,
+    log: &'a mut VmLog,
+    runner_log: File,
+    listener: OwnedFd,
+    signals: SignalFd,
+    console: Console,
+    runner: RunnerProcess,
+    intent: Intent,
+    boot_deadline: Option<Instant>,
+    exit_deadline: Option<Instant>,
+    started_at: Instant,
+    restarts: u32,
+    fault_restarts: VecDeque<Instant>,
+    on_started: Option<&'a mut dyn FnMut(Result<(), String>)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Token {
+    Listener,
+    Signal,
+    Channel,
+    Pidfd,
+    Console,
+    ViewerIn(usize),
+    ViewerOut(usize),
+}
+
+/// Runs the guest until it ends.
+///
+/// `terminal` (stdin, stdout) makes it the foreground of `vm start -f`. `on_started` is called
+/// once: `Ok` when the first boot reports the guest running, or the reason it did not.
+pub fn run(
+    cfg: &MonitorConfig,
+    terminal: Option<(OwnedFd, OwnedFd)>,
+    on_started: &mut dyn FnMut(Result<(), String>),
+) -> Result<Outcome, MonitorError> {
+    let mut lock = GuestLock::acquire(&cfg.guest_dir)?;
+    lock.write_pid(std::process::id())?;
+    let result = run_locked(cfg, terminal, on_started);
+    let _ = std::fs::remove_file(control_socket::socket_path(&cfg.guest_dir));
+    if let Err(e) = lock.remove() {
+        tracing::warn!(error = %e, "removing the run lock failed");
+    }
+    result
+}
+
+fn run_locked(
+    cfg: &MonitorConfig,
+    terminal: Option<(OwnedFd, OwnedFd)>,
+    on_started: &mut dyn FnMut(Result<(), String>),
+) -> Result<Outcome, MonitorError> {
+    let mut log = VmLog::open(&cfg.guest_dir)?;
+    log.line("initialising");
+    let result = start_and_watch(cfg.clone(), &mut log, terminal, on_started);
+    match &result {
+        Ok(outcome) => log.line(&format!("exited ({})", outcome_text(*outcome))),
+        Err(e) => log.line(&format!("exited: {}", crate::list::error_chain(e))),
+    }
+    result
+}
+
+fn outcome_text(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::PoweredOff => "powered off",
+        Outcome::ForcedOff => "forced off",
+        Outcome::Faulted => "fault",
+    }
+}
+
+fn start_and_watch(
+    cfg: MonitorConfig,
+    log: &mut VmLog,
+    terminal: Option<(OwnedFd, OwnedFd)>,
+    on_started: &mut dyn FnMut(Result<(), String>),
+) -> Result<Outcome, MonitorError> {
+    let listener = control_socket::listen_at(&cfg.guest_dir)?;
+    let runner_log_path = cfg.guest_dir.join(RUNNER_LOG_FILE);
+    let runner_log = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&runner_log_path)
+        .map_err(|source| MonitorError::RunnerLog {
+            path: runner_log_path,
+            source,
+        })?;
+    let signals = block_signals()?;
+    let ctx = BootContext {
+        name: &cfg.name,
+        runner_binary: &cfg.runner_binary,
+        runner_log: runner_log.as_fd(),
+    };
+    let runner = match runner::boot(&cfg.plan, &ctx) {
+        Ok(r) => r,
+        Err(e) => {
+            let text = crate::list::error_chain(&e);
+            log.line(&format!("failed to start vcpu-runner: {text}"));
+            on_started(Err(text));
+            return Err(e.into());
+        }
+    };
+    log.line(&format!("starting vcpu-runner (pid {})", runner.pid()));
+    let mut viewers = Vec::new();
+    if let Some((input, output)) = terminal {
+        viewers.push(Viewer::terminal(input, output));
+    }
+    let mut monitor = Monitor {
+        cfg,
+        log,
+        runner_log,
+        listener,
+        signals,
+        console: Console {
+            ring: Ring::new(CONSOLE_RING_BYTES),
+            to_guest: VecDeque::new(),
+            eof: false,
+            viewers,
+        },
+        runner,
+        intent: Intent::Run,
+        boot_deadline: Instant::now().checked_add(BOOT_TIMEOUT),
+        exit_deadline: None,
+        started_at: Instant::now(),
+        restarts: 0,
+        fault_restarts: VecDeque::new(),
+        on_started: Some(on_started),
+    };
+    let outcome = monitor.watch();
+    if let Some(notify) = monitor.on_started.take() {
+        notify(Err("the guest ended before it was running".to_owned()));
+    }
+    for viewer in &mut monitor.console.viewers {
+        viewer.flush();
+    }
+    outcome
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP and returns a signalfd for them: the first asks the guest
+/// to shut down, as `vm stop` does; a second one pulls the plug.
+fn block_signals() -> Result<SignalFd, MonitorError> {
+    let mut mask = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        mask.add(sig);
+    }
+    mask.thread_block().map_err(MonitorError::Signals)?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(MonitorError::Signals)
+}
+
+impl Monitor<'_> {
+    fn watch(&mut self) -> Result<Outcome, MonitorError> {
+        loop {
+            let events = self.wait()?;
+            let mut runner_ended = false;
+            for (token, flags) in events {
+                match token {
+                    Token::Listener => self.accept_clients(),
+                    Token::Signal => self.on_signal(),
+                    Token::Channel => self.on_runner_message(),
+                    Token::Pidfd => runner_ended = true,
+                    Token::Console => {
+                        if flags.intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
+                            self.read_console();
+                        }
+                        if flags.contains(PollFlags::POLLOUT) {
+                            self.write_console();
+                        }
+                    }
+                    Token::ViewerIn(i) => self.read_viewer(i),
+                    Token::ViewerOut(i) => {
+                        if let Some(v) = self.console.viewers.get_mut(i) {
+                            v.flush();
+                        }
+                    }
+                }
+            }
+            self.console.viewers.retain(|v| !v.is_closed());
+            self.check_deadlines();
+            if runner_ended && let Some(outcome) = self.on_runner_exit() {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// Polls until something happens or the nearest deadline passes.
+    fn wait(&self) -> Result<Vec<(Token, PollFlags)>, MonitorError> {
+        let mut tokens = vec![Token::Listener, Token::Signal, Token::Pidfd];
+        let mut fds = vec![
+            PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.runner.pidfd.as_fd(), PollFlags::POLLIN),
+        ];
+        if let Some(channel) = &self.runner.channel {
+            tokens.push(Token::Channel);
+            fds.push(PollFd::new(channel.as_fd(), PollFlags::POLLIN));
+        }
+        let mut console_flags = PollFlags::empty();
+        if !self.console.eof {
+            console_flags |= PollFlags::POLLIN;
+        }
+        if !self.console.to_guest.is_empty() {
+            console_flags |= PollFlags::POLLOUT;
+        }
+        if !console_flags.is_empty() {
+            tokens.push(Token::Console);
+            fds.push(PollFd::new(self.runner.console.as_fd(), console_flags));
+        }
+        for (i, viewer) in self.console.viewers.iter().enumerate() {
+            if let Some(fd) = viewer.input_fd() {
+                tokens.push(Token::ViewerIn(i));
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
+            if let Some(fd) = viewer.output_fd() {
+                tokens.push(Token::ViewerOut(i));
+                fds.push(PollFd::new(fd, PollFlags::POLLOUT));
+            }
+        }
+        let timeout = self.next_deadline().map_or(PollTimeout::NONE, |at| {
+            let ms = at
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .saturating_add(1);
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+        });
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(MonitorError::Poll(e)),
+        }
+        Ok(tokens
+            .into_iter()
+            .zip(fds.iter())
+            .filter_map(|(t, fd)| fd.revents().filter(|r| !r.is_empty()).map(|r| (t, r)))
+            .collect())
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let stop = match self.intent {
+            Intent::Stop { deadline, .. } | Intent::Restart { deadline, .. } => deadline,
+            _ => None,
+        };
+        [self.boot_deadline, self.exit_deadline, stop]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn check_deadlines(&mut self) {
+        let now = Instant::now();
+        if self.boot_deadline.is_some_and(|d| now >= d) {
+            self.boot_deadline = None;
+            self.log.line(&format!(
+                "vcpu-runner did not report the guest running within {} s",
+                BOOT_TIMEOUT.as_secs()
+            ));
+            self.kill_runner();
+        }
+        if self.exit_deadline.is_some_and(|d| now >= d) {
+            self.exit_deadline = None;
+            self.runner.kill();
+        }
+        match self.intent {
+            Intent::Stop {
+                deadline: Some(d),
+                secs,
+            } if now >= d => {
+                self.intent = Intent::Stop {
+                    deadline: None,
+                    secs,
+                };
+                self.log
+                    .line(&format!("did not power off within {secs} s, forced off"));
+                self.kill_runner();
+            }
+            Intent::Restart {
+                deadline: Some(d),
+                secs,
+            } if now >= d => {
+                self.intent = Intent::Restart {
+                    deadline: None,
+                    secs,
+                };
+                self.log
+                    .line(&format!("did not power off within {secs} s, forced off"));
+                self.kill_runner();
+            }
+            _ => {}
+        }
+    }
+
+    fn kill_runner(&mut self) {
+        self.runner.kill();
+        self.exit_deadline = None;
+    }
+
+    fn on_signal(&mut self) {
+        let Ok(Some(info)) = self.signals.read_signal() else {
+            return;
+        };
+        let name = Signal::try_from(i32::try_from(info.ssi_signo).unwrap_or(0))
+            .map_or("a signal", Signal::as_str);
+        match self.intent {
+            Intent::Stop { .. } | Intent::Poweroff => {
+                self.log
+                    .line(&format!("{name} received again, forcing off"));
+                self.intent = Intent::Poweroff;
+                self.kill_runner();
+            }
+            _ => {
+                self.log
+                    .line(&format!("{name} received, sending ACPI shutdown"));
+                self.press_power_button(self.cfg.plan.stop_timeout, false);
+            }
+        }
+    }
+
+    fn press_power_button(&mut self, secs: u32, restart: bool) {
+        if let Some(channel) = &self.runner.channel
+            && let Err(e) = channel.send(&ToRunner::PowerButton, &[])
+        {
+            tracing::warn!(error = %e, "sending the power button failed");
+        }
+        let deadline = (secs > 0)
+            .then(|| Instant::now().checked_add(Duration::from_secs(u64::from(secs))))
+            .flatten();
+        self.intent = if restart {
+            Intent::Restart { deadline, secs }
+        } else {
+            Intent::Stop { deadline, secs }
+        };
+    }
+
+    fn on_runner_message(&mut self) {
+        let Some(channel) = &self.runner.channel else {
+            return;
+        };
+        let msg = match channel.recv::<FromRunner>() {
+            Ok(received) if received.fds.is_empty() => received.msg,
+            Ok(_) => {
+                self.reject_runner("sent descriptors it was not asked for");
+                return;
+            }
+            Err(ChannelError::Closed) => {
+                self.runner.channel = None;
+                return;
+            }
+            Err(ChannelError::WouldBlock) => return,
+            Err(e) => {
+                self.reject_runner(&format!("sent a malformed message ({e})"));
+                return;
+            }
+        };
+        if let Err(e) = msg.validate() {
+            self.reject_runner(&format!("sent an invalid message ({e})"));
+            return;
+        }
+        match msg {
+            FromRunner::Running if !self.runner.running => {
+                self.runner.running = true;
+                self.boot_deadline = None;
+                if let Some(notify) = self.on_started.take() {
+                    notify(Ok(()));
+                }
+            }
+            FromRunner::Running => {}
+            FromRunner::Failed { reason } => {
+                self.log
+                    .line(&format!("vcpu-runner could not boot the guest: {reason}"));
+                self.runner.exit = None;
+                self.boot_deadline = None;
+                self.fail_start(&reason);
+                self.exit_deadline = Instant::now().checked_add(EXIT_GRACE);
+            }
+            FromRunner::Exited { exit, detail } => {
+                self.runner.exit = Some((exit, detail));
+                self.exit_deadline = Instant::now().checked_add(EXIT_GRACE);
+            }
+        }
+    }
+
+    fn reject_runner(&mut self, what: &str) {
+        self.log.line(&format!("vcpu-runner {what}; killing it"));
+        self.kill_runner();
+    }
+
+    fn fail_start(&mut self, reason: &str) {
+        if let Some(notify) = self.on_started.take() {
+            notify(Err(reason.to_owned()));
+        }
+    }
+
+    /// The runner's process ended: decide between booting again and ending.
+    fn on_runner_exit(&mut self) -> Option<Outcome> {
+        // Whatever the guest printed last still goes to the ring and the viewers, and what the
+        // runner said before it went is heard before its end is judged (the process is gone,
+        // so its channel ends after the queued messages).
+        self.read_console();
+        for _ in 0..64 {
+            if self.runner.channel.is_none() {
+                break;
+            }
+            self.on_runner_message();
+        }
+        let status = match self.runner.reap() {
+            Ok(status) => runner::describe_status(status),
+            Err(e) => format!("status unknown ({e})"),
+        };
+        self.exit_deadline = None;
+        self.boot_deadline = None;
+        // A runner killed on request is judged by the request, booted or not.
+        if self.runner.killed && self.intent != Intent::Run {
+            return match self.intent {
+                Intent::Reset => {
+                    self.log.line("guest reset");
+                    self.reboot()
+                }
+                Intent::Restart { .. } => self.reboot(),
+                Intent::Poweroff => {
+                    self.log.line("guest powered off (forced)");
+                    Some(Outcome::ForcedOff)
+                }
+                Intent::Stop { .. } | Intent::Run => Some(Outcome::ForcedOff),
+            };
+        }
+        if !self.runner.running {
+            let reason = format!("vcpu-runner ended before the guest ran ({status})");
+            if self.runner.exit.is_none() {
+                self.log.line(&reason);
+            }
+            self.fail_start(&reason);
+            return Some(Outcome::Faulted);
+        }
+        if self.runner.killed {
+            // Killed for a malformed message or for lingering: a crash.
+            return self.fault();
+        }
+        match self.runner.exit.take() {
+            Some((GuestExit::Poweroff, _)) => {
+                if let Intent::Restart { .. } = self.intent {
+                    self.log.line("guest powered off, restarting");
+                    self.reboot()
+                } else {
+                    self.log.line("guest powered off");
+                    Some(Outcome::PoweredOff)
+                }
+            }
+            Some((GuestExit::Reboot, _)) => {
+                self.log.line("guest rebooted");
+                if let Intent::Stop { .. } = self.intent {
+                    return Some(Outcome::PoweredOff);
+                }
+                self.reboot()
+            }
+            Some((GuestExit::TripleFault { vcpu }, detail)) => {
+                self.log
+                    .line(&format!("guest triple fault on vcpu {vcpu}: {detail}"));
+                self.fault()
+            }
+            Some((GuestExit::Crashed { vcpu }, detail)) => {
+                self.log
+                    .line(&format!("vcpu {vcpu} could not run any more: {detail}"));
+                self.fault()
+            }
+            None => {
+                self.log.line(&format!("vcpu-runner died: {status}"));
+                self.fault()
+            }
+        }
+    }
+
+    /// A fault ends the guest unless `on_fault="restart"`, within a bound.
+    fn fault(&mut self) -> Option<Outcome> {
+        let stopping = matches!(self.intent, Intent::Stop { .. } | Intent::Poweroff);
+        if stopping || self.cfg.plan.on_fault != OnFault::Restart {
+            return Some(Outcome::Faulted);
+        }
+        let now = Instant::now();
+        self.fault_restarts
+            .retain(|t| now.saturating_duration_since(*t) < FAULT_WINDOW);
+        if self.fault_restarts.len() >= MAX_FAULT_RESTARTS {
+            self.log.line(&format!(
+                "{MAX_FAULT_RESTARTS} fault restarts within {} s, giving up",
+                FAULT_WINDOW.as_secs()
+            ));
+            return Some(Outcome::Faulted);
+        }
+        self.fault_restarts.push_back(now);
+        self.log
+            .line("restarting after the fault (on_fault=restart)");
+        self.reboot()
+    }
+
+    /// Boots the guest again in place: a new runner, new guest RAM, a new console stream.
+    fn reboot(&mut self) -> Option<Outcome> {
+        let ctx = BootContext {
+            name: &self.cfg.name,
+            runner_binary: &self.cfg.runner_binary,
+            runner_log: self.runner_log.as_fd(),
+        };
+        match runner::boot(&self.cfg.plan, &ctx) {
+            Ok(runner) => {
+                self.restarts = self.restarts.saturating_add(1);
+                self.log
+                    .line(&format!("starting vcpu-runner (pid {})", runner.pid()));
+                self.runner = runner;
+                self.intent = Intent::Run;
+                self.console.eof = false;
+                self.console.to_guest.clear();
+                self.boot_deadline = Instant::now().checked_add(BOOT_TIMEOUT);
+                None
+            }
+            Err(e) => {
+                self.log.line(&format!(
+                    "restarting the guest failed: {}",
+                    crate::list::error_chain(&e)
+                ));
+                Some(Outcome::Faulted)
+            }
+        }
+    }
+
+    fn read_console(&mut self) {
+        if self.console.eof {
+            return;
+        }
+        let mut buf = [0u8; 16 * 1024];
+        for _ in 0..16 {
+            match recv(
+                self.runner.console.as_raw_fd(),
+                &mut buf,
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(0) => {
+                    self.console.eof = true;
+                    return;
+                }
+                Ok(n) => {
+                    let data = buf.get(..n).unwrap_or_default();
+                    self.console.ring.push(data);
+                    for viewer in &mut self.console.viewers {
+                        viewer.write_output(data);
+                    }
+                }
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => return,
+                Err(_) => {
+                    self.console.eof = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn write_console(&mut self) {
+        while !self.console.to_guest.is_empty() {
+            let (front, _) = self.console.to_guest.as_slices();
+            match send(
+                self.runner.console.as_raw_fd(),
+                front,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(n) => {
+                    self.console
+                        .to_guest
+                        .drain(..n.min(self.console.to_guest.len()));
+                }
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => return,
+                Err(_) => {
+                    self.console.to_guest.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read_viewer(&mut self, i: usize) {
+        let Some(viewer) = self.console.viewers.get_mut(i) else {
+            return;
+        };
+        if let Input::Data(data) = viewer.read_input() {
+            let room = MAX_INPUT_BACKLOG.saturating_sub(self.console.to_guest.len());
+            self.console
+                .to_guest
+                .extend(data.get(..data.len().min(room)).unwrap_or_default());
+            self.write_console();
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! One boot of the guest: the descriptors a vcpu-runner needs, the runner process, and its
+//! channel.
+//!
+//! Each boot gets everything fresh: a new guest RAM memfd (sealed against resizing, so a
+//! mapping can never be cut short under another process), `/dev/kvm`, the kernel and initrd
+//! opened read-only, and a new console socketpair. Nothing of an earlier boot survives into
+//! the next one.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
+use std::time::SystemTime;
+
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
+use proto::channel::{Channel, ChannelError};
+use proto::runner::{GuestExit, MachineConfig, ToRunner};
+
+use crate::preflight::BootPlan;
+use crate::spawn::{self, SpawnError};
+use crate::vmlog;
+
+/// The KVM device; `CAPVM_KVM_DEVICE` names another (tests use `/dev/null` with the fake
+/// runner on hosts without KVM).
+pub const KVM_DEVICE: &str = "/dev/kvm";
+/// Environment variable replacing [`KVM_DEVICE`].
+pub const KVM_DEVICE_ENV: &str = "CAPVM_KVM_DEVICE";
+/// Environment variable with the runner's `tracing` filter (default `info`).
+pub const RUNNER_LOG_ENV: &str = "CAPVM_RUNNER_LOG";
+/// The fd ceiling of the runner's sandbox.
+const RUNNER_MAX_FDS: u32 = 64;
+
+/// Why a boot could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("creating the guest memory failed")]
+    Memory(#[source] nix::Error),
+    #[error("opening {path} failed")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating the console socket failed")]
+    Console(#[source] nix::Error),
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error("watching the vcpu-runner failed")]
+    Pidfd(#[source] io::Error),
+    #[error("sending the machine to the vcpu-runner failed")]
+    Send(#[source] ChannelError),
+    #[error("the machine is invalid")]
+    Machine(#[from] proto::runner::RunnerMessageError),
+}
+
+/// A running (or booting) vcpu-runner.
+#[derive(Debug)]
+pub struct RunnerProcess {
+    pub process: Child,
+    /// Readable when the process has exited.
+    pub pidfd: OwnedFd,
+    /// `None` once the runner has closed it.
+    pub channel: Option<Channel>,
+    /// The supervisor's end of the guest's COM1 stream.
+    pub console: OwnedFd,
+    /// Whether the runner has reported [`proto::runner::FromRunner::Running`].
+    pub running: bool,
+    /// What the runner reported about the guest's end, if anything.
+    pub exit: Option<(GuestExit, String)>,
+    /// Whether the supervisor killed it.
+    pub killed: bool,
+}
+
+impl RunnerProcess {
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    /// Sends SIGKILL (once) and remembers that the supervisor did.
+    pub fn kill(&mut self) {
+        if !self.killed {
+            self.killed = true;
+            if let Err(e) = self.process.kill() {
+                tracing::warn!(error = %e, "killing the vcpu-runner failed");
+            }
+        }
+    }
+
+    /// Reaps the exited process.
+    pub fn reap(&mut self) -> io::Result<ExitStatus> {
+        self.process.wait()
+    }
+}
+
+impl Drop for RunnerProcess {
+    /// A runner is never left behind: one still running when the supervisor lets go of it
+    /// (an error path) is killed and reaped.
+    fn drop(&mut self) {
+        if let Ok(None) = self.process.try_wait() {
+            let _ = self.process.kill();
+            let _ = self.process.wait();
+        }
+    }
+}
+
+/// What a boot needs besides the plan.
+#[derive(Debug)]
+pub struct BootContext<'a> {
+    pub name: &'a str,
+    pub runner_binary: &'a Path,
+    /// Where the runner logs (its `tracing` output).
+    pub runner_log: BorrowedFd<'a>,
+}
+
+/// Opens everything, starts the runner in its sandbox and sends it the machine.
+pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, BootError> {
+    let machine = MachineConfig {
+        cpus: plan.cpus,
+        memory_bytes: plan.memory_bytes,
+        cmdline: plan.cmdline.clone(),
+        utctime: plan.utctime,
+        local_offset_secs: vmlog::local_time(SystemTime::now()).offset_secs,
+        uuid: plan.uuid,
+    };
+    machine.validate()?;
+    let memory = guest_memory(plan.memory_bytes)?;
+    let kvm_path = std::env::var_os(KVM_DEVICE_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(KVM_DEVICE), PathBuf::from);
+    let kvm = open(&kvm_path, true)?;
+    let kernel = open(&plan.kernel, false)?;
+    let initrd = plan
+        .initrd
+        .as_ref()
+        .map(|path| open(path, false))
+        .transpose()?;
+    let (console, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(BootError::Console)?;
+
+    let mut roles = vec![
+        FdRole::Log,
+        FdRole::Kvm,
+        FdRole::GuestMemory,
+        FdRole::Kernel,
+    ];
+    let mut fds = vec![ctx.runner_log, kvm.as_fd(), memory.as_fd(), kernel.as_fd()];
+    if let Some(initrd) = &initrd {
+        roles.push(FdRole::Initrd);
+        fds.push(initrd.as_fd());
+    }
+    roles.push(FdRole::Console);
+    fds.push(theirs.as_fd());
+    let (uid, gid) = sandbox::nobody();
+    let bootstrap = Bootstrap {
+        role: Role::VcpuRunner,
+        vm_name: ctx.name.to_owned(),
+        sandbox: SandboxSettings {
+            uid,
+            gid,
+            max_fds: RUNNER_MAX_FDS,
+        },
+        fds: roles,
+        log_filter: std::env::var(RUNNER_LOG_ENV).unwrap_or_else(|_| "info".to_owned()),
+    };
+    let spawned = spawn::spawn(ctx.runner_binary, &bootstrap, &fds)?;
+    let mut runner = RunnerProcess {
+        pidfd: match pidfd_open(spawned.process.id()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let mut process = spawned.process;
+                let _ = process.kill();
+                let _ = process.wait();
+                return Err(BootError::Pidfd(e));
+            }
+        },
+        process: spawned.process,
+        channel: Some(spawned.channel),
+        console,
+        running: false,
+        exit: None,
+        killed: false,
+    };
+    let sent = runner
+        .channel
+        .as_ref()
+        .map_or(Err(ChannelError::Closed), |c| {
+            c.send(&ToRunner::Boot(machine), &[])
+        });
+    if let Err(e) = sent {
+        runner.kill();
+        let _ = runner.reap();
+        return Err(BootError::Send(e));
+    }
+    Ok(runner)
+}
+
+/// A fresh guest RAM memfd of `bytes`, sealed against shrinking, growing and further seals.
+fn guest_memory(bytes: u64) -> Result<OwnedFd, BootError> {
+    let fd = memfd_create(
+        c"capvm-guest-ram",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .map_err(BootError::Memory)?;
+    let len = libc::off_t::try_from(bytes).map_err(|_| BootError::Memory(nix::Error::EFBIG))?;
+    nix::unistd::ftruncate(&fd, len).map_err(BootError::Memory)?;
+    fcntl(
+        &fd,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+        ),
+    )
+    .map_err(BootError::Memory)?;
+    Ok(fd)
+}
+
+fn open(path: &Path, write: bool) -> Result<File, BootError> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| BootError::Open {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// A pidfd for `pid`, readable once the process exits.
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory
+    // is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this descriptor (close-on-exec by default) and nothing
+    // else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// How a runner's exit status reads in the log.
+pub fn describe_status(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(libc::SIGSYS)) => "killed by its seccomp filter (SIGSYS)".to_owned(),
+        (None, Some(sig)) => {
+            let name = nix::sys::signal::Signal::try_from(sig)
+                .map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_owned());
+            format!("killed by {name}")
+        }
+        (None, None) => "ended".to_owned(),
+    }
+}
+
+/// The resident set size of `pid` in KiB (`VmRSS` of `/proc/PID/status`); 0 if unknown.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The size of the file behind `fd`.
+pub fn fd_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let st = nix::sys::stat::fstat(fd)?;
+    u64::try_from(st.st_size).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_memory_is_sized_and_sealed() {
+        let fd = guest_memory(4 << 20).unwrap();
+        assert_eq!(fd_size(fd.as_fd()).unwrap(), 4 << 20);
+        let seals = fcntl(&fd, FcntlArg::F_GET_SEALS).unwrap();
+        let want = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+        assert_eq!(
+            SealFlag::from_bits_truncate(seals) & want,
+            want,
+            "seals {seals:#x}"
+        );
+        assert!(nix::unistd::ftruncate(&fd, 2 << 20).is_err());
+    }
+
+    #[test]
+    fn statuses_read_as_log_text() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(describe_status(ExitStatus::from_raw(0x100)), "exit code 1");
+        assert_eq!(
+            describe_status(ExitStatus::from_raw(libc::SIGSYS)),
+            "killed by its seccomp filter (SIGSYS)"
+        );
+        assert_eq!(
+            describe_status(ExitStatus::from_raw(libc::SIGKILL)),
+            "killed by SIGKILL"
+        );
+    }
+
+    #[test]
+    fn own_rss_is_known() {
+        assert!(rss_kib(std::process::id()) > 0);
+        assert_eq!(rss_kib(u32::MAX), 0);
+    }
+}

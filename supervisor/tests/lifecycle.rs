@@ -1,0 +1,960 @@
+//! The guest lifecycle end to end: `vm start`/`stop`/`restart`/`reset`/`poweroff`/`console`/
+//! `startall`/`stopall` against real per-VM supervisors, each running the fake vcpu-runner
+//! (`examples/fake_vcpu_runner.rs`: the real bootstrap, sandbox and runner protocol, no KVM).
+//!
+//! Each test has its own datastore (`VM_DIR`), host config (`CAPVM_CONF`) and libexec
+//! directory (`CAPVM_LIBEXEC`, a `vcpu-runner` symlink to the example). `CAPVM_KVM_DEVICE` is
+//! `/dev/null`, so the tests also run on hosts without KVM. They need root (the sandbox) and
+//! skip with a reason without it. Run with `cargo test -p supervisor`, which builds the example.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Env {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    vm_dir: PathBuf,
+    conf: PathBuf,
+    libexec: PathBuf,
+}
+
+fn skip_unless_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return false;
+    }
+    eprintln!("SKIP: lifecycle tests need root (the vcpu-runner sandbox)");
+    true
+}
+
+fn fake_runner() -> PathBuf {
+    let vm = PathBuf::from(env!("CARGO_BIN_EXE_vm"));
+    let path = vm
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("fake_vcpu_runner");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo test -p supervisor` (it builds the examples)",
+        path.display()
+    );
+    // `cargo test --test lifecycle` alone does not rebuild examples: refuse a stale one.
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/fake_vcpu_runner.rs");
+    let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).unwrap();
+    assert!(
+        modified(&path) >= modified(&source),
+        "{} is older than its source: run `cargo test -p supervisor` (it builds the examples)",
+        path.display()
+    );
+    path
+}
+
+/// Bytes that pass as a bzImage with boot protocol 2.15.
+fn bzimage() -> Vec<u8> {
+    let mut image = vec![0u8; 0x400];
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    image
+}
+
+impl Env {
+    fn new(vm_list: &str) -> Env {
+        Env::with_delay(vm_list, 0)
+    }
+
+    fn with_delay(vm_list: &str, vm_delay: u32) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        let vm_dir = root.join("vm");
+        let conf = root.join("vm.conf");
+        let libexec = root.join("libexec");
+        fs::create_dir(&libexec).unwrap();
+        std::os::unix::fs::symlink(fake_runner(), libexec.join("vcpu-runner")).unwrap();
+        fs::write(
+            &conf,
+            format!("vm_list=\"{vm_list}\"\nvm_delay=\"{vm_delay}\"\n"),
+        )
+        .unwrap();
+        let env = Env {
+            _dir: dir,
+            root,
+            vm_dir,
+            conf,
+            libexec,
+        };
+        env.ok(&["init"]);
+        env
+    }
+
+    /// A linux guest with a fake bzImage; `extra` lines come first in its config, so they win
+    /// over the defaults (the first of repeated keys counts).
+    fn guest(&self, name: &str, extra: &str) -> PathBuf {
+        let dir = self.vm_dir.join(name);
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("vmlinuz"), bzimage()).unwrap();
+        fs::write(
+            dir.join(format!("{name}.conf")),
+            format!("{extra}\nloader=\"linux\"\nlinux_kernel=\"vmlinuz\"\ncpu=1\nmemory=64M\n"),
+        )
+        .unwrap();
+        dir
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vm"));
+        cmd.args(args)
+            .env("VM_DIR", &self.vm_dir)
+            .env("CAPVM_CONF", &self.conf)
+            .env("CAPVM_LIBEXEC", &self.libexec)
+            .env("CAPVM_KVM_DEVICE", "/dev/null")
+            .env_remove("VM_LOG")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn vm(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.vm(args);
+        assert!(
+            out.status.success(),
+            "vm {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.vm(args);
+        assert!(!out.status.success(), "vm {args:?} succeeded");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        stderr
+    }
+
+    fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.vm_dir.join(name).join("vm-bhyve.log")).unwrap_or_default()
+    }
+
+    /// The supervisor pid from `vm list`'s `Running (PID)`, if running.
+    fn running_pid(&self, name: &str) -> Option<u32> {
+        let list = self.ok(&["list"]);
+        let line = list.lines().find(|l| l.starts_with(&format!("{name} ")))?;
+        let state = line.split("Running (").nth(1)?;
+        state.trim_end_matches(')').parse().ok()
+    }
+
+    /// (role, pid, restarts) of each process `vm info` shows.
+    fn processes(&self, name: &str) -> Vec<(String, u32, u32)> {
+        self.ok(&["info", name])
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("process: "))
+            .map(|p| {
+                let f: Vec<&str> = p.split_whitespace().collect();
+                (
+                    f[0].to_owned(),
+                    f[2].parse().unwrap(),
+                    f[f.len() - 1].parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn runner_pid(&self, name: &str) -> u32 {
+        self.processes(name)
+            .into_iter()
+            .find(|(role, ..)| role == "vcpu-runner")
+            .map(|(_, pid, _)| pid)
+            .expect("vm info shows the vcpu-runner")
+    }
+
+    fn wait_stopped(&self, name: &str) {
+        wait_until(Duration::from_secs(15), || self.running_pid(name).is_none());
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Leave nothing running behind a failed test.
+        for entry in fs::read_dir(&self.vm_dir).into_iter().flatten().flatten() {
+            let lock = entry.path().join("run.lock");
+            if let Some(pid) = fs::read_to_string(&lock)
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok())
+                && supervisor::state::probe(&entry.path())
+                    .is_ok_and(|s| s != supervisor::state::RunState::Stopped)
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// A running `vm` whose stdout is collected in the background.
+struct Session {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Arc<Mutex<String>>,
+}
+
+impl Session {
+    fn start(mut cmd: Command) -> Session {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Arc::new(Mutex::new(String::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = Arc::clone(&out);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Session {
+            stdin: child.stdin.take(),
+            child,
+            out,
+        }
+    }
+
+    fn output(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    fn wait_for(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.output().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} not seen; output so far: {:?}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn type_text(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "vm did not exit within {within:?}; output {:?}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn started_guest_is_listed_running_with_its_processes() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    let dir = env.guest("g", "");
+
+    let out = env.ok(&["start", "g"]);
+    let pid = env.running_pid("g").expect("running after vm start");
+    let procs = env.processes("g");
+    let info = env.ok(&["info", "g"]);
+
+    assert_eq!(out, "Starting g\n");
+    assert_eq!(
+        fs::read_to_string(dir.join("run.lock")).unwrap().trim(),
+        pid.to_string()
+    );
+    assert!(dir.join("run/control.sock").exists());
+    assert_eq!(procs.len(), 2, "{procs:?}");
+    assert_eq!(procs[0].0, "supervisor");
+    assert_eq!(procs[0].1, pid);
+    assert_eq!(procs[1].0, "vcpu-runner");
+    assert!(alive(procs[1].1));
+    assert!(info.contains("  uptime: 00:00:"), "{info}");
+    let log = env.log("g");
+    assert!(log.contains(": initialising\n"), "{log}");
+    assert!(
+        log.contains(&format!(": starting vcpu-runner (pid {})\n", procs[1].1)),
+        "{log}"
+    );
+    env.ok(&["poweroff", "-f", "g"]);
+}
+
+#[test]
+fn stop_presses_the_power_button_and_returns_when_off() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    let dir = env.guest("g", "");
+    env.ok(&["start", "g"]);
+    let pid = env.running_pid("g").unwrap();
+    let runner = env.runner_pid("g");
+
+    let out = env.ok(&["stop", "g"]);
+
+    assert_eq!(out, "Sending ACPI shutdown to g\n");
+    assert_eq!(env.running_pid("g"), None);
+    wait_until(Duration::from_secs(5), || !alive(pid) && !alive(runner));
+    assert!(!dir.join("run.lock").exists());
+    assert!(!dir.join("run/control.sock").exists());
+    let log = env.log("g");
+    assert!(
+        log.contains(": stop requested, sending ACPI shutdown\n"),
+        "{log}"
+    );
+    assert!(log.contains(": guest powered off\n"), "{log}");
+    assert!(log.ends_with(": exited (powered off)\n"), "{log}");
+}
+
+#[test]
+fn stop_timeout_forces_the_guest_off_and_logs_it() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "linux_cmdline=\"fake.ignore_power\"");
+    env.ok(&["start", "g"]);
+
+    let started = Instant::now();
+    env.ok(&["stop", "-t", "1", "g"]);
+
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert_eq!(env.running_pid("g"), None);
+    let log = env.log("g");
+    assert!(
+        log.contains(": did not power off within 1 s, forced off\n"),
+        "{log}"
+    );
+    assert!(log.ends_with(": exited (forced off)\n"), "{log}");
+}
+
+#[test]
+fn stop_timeout_comes_from_the_guest_config() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "linux_cmdline=\"fake.ignore_power\"\nstop_timeout=1");
+    env.ok(&["start", "g"]);
+
+    env.ok(&["stop", "g"]);
+
+    assert!(
+        env.log("g")
+            .contains(": did not power off within 1 s, forced off\n")
+    );
+}
+
+#[test]
+fn guest_reboot_restarts_it_in_the_same_supervisor() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "");
+    env.ok(&["start", "g"]);
+    let pid = env.running_pid("g").unwrap();
+    let first_runner = env.runner_pid("g");
+    let mut console = Session::start(env.command(&["console", "g"]));
+    console.wait_for("fake: ready");
+
+    console.type_text("reboot\n");
+    wait_until(Duration::from_secs(10), || {
+        env.processes("g").get(1).is_some_and(|p| p.2 == 1)
+    });
+
+    assert_eq!(env.running_pid("g"), Some(pid));
+    let second_runner = env.runner_pid("g");
+    assert_ne!(second_runner, first_runner);
+    wait_until(Duration::from_secs(5), || !alive(first_runner));
+    // The viewer stays attached across the reboot and sees the new boot.
+    wait_until(Duration::from_secs(5), || {
+        console.output().matches("fake: ready").count() == 2
+    });
+    let log = env.log("g");
+    assert!(log.contains(": guest rebooted\n"), "{log}");
+    assert!(
+        log.contains(&format!(": starting vcpu-runner (pid {second_runner})\n")),
+        "{log}"
+    );
+    env.ok(&["poweroff", "-f", "g"]);
+    assert!(console.wait_exit(Duration::from_secs(5)).success());
+}
+
+#[test]
+fn guest_poweroff_ends_the_supervisor() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "");
+    env.ok(&["start", "g"]);
+    let mut console = Session::start(env.command(&["console", "g"]));
+    console.wait_for("fake: ready");
+
+    console.type_text("poweroff\n");
+
+    assert!(console.wait_exit(Duration::from_secs(5)).success());
+    env.wait_stopped("g");
+    assert!(env.log("g").contains(": guest powered off\n"));
+}
+
+#[test]
+fn poweroff_asks_first_and_pulls_the_plug_with_f() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "");
+    env.ok(&["start", "g"]);
+    let pid = env.running_pid("g").unwrap();
+
+    let mut asked = Session::start(env.command(&["poweroff", "g"]));
+    asked.type_text("n\n");
+    assert!(asked.wait_exit(Duration::from_secs(5)).success());
+    assert_eq!(env.running_pid("g"), Some(pid));
+
+    env.ok(&["poweroff", "-f", "g"]);
+
+    assert_eq!(env.running_pid("g"), None);
+    let log = env.log("g");
+    assert!(log.contains(": poweroff requested\n"), "{log}");
+    assert!(log.ends_with(": exited (forced off)\n"), "{log}");
+}
+
+#[test]
+fn reset_boots_a_new_runner_at_once() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "linux_cmdline=\"fake.ignore_power\"");
+    env.ok(&["start", "g"]);
+    let pid = env.running_pid("g").unwrap();
+    let first_runner = env.runner_pid("g");
+
+    env.ok(&["reset", "-f", "g"]);
+    wait_until(Duration::from_secs(10), || {
+        env.processes("g").get(1).is_some_and(|p| p.2 == 1)
+    });
+
+    assert_eq!(env.running_pid("g"), Some(pid));
+    assert_ne!(env.runner_pid("g"), first_runner);
+    assert!(!alive(first_runner));
+    let log = env.log("g");
+    assert!(log.contains(": reset requested\n"), "{log}");
+    assert!(log.contains(": guest reset\n"), "{log}");
+    env.ok(&["poweroff", "-f", "g"]);
+}
+
+#[test]
+fn restart_shuts_down_and_boots_again() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "");
+    env.ok(&["start", "g"]);
+    let pid = env.running_pid("g").unwrap();
+
+    assert_eq!(env.ok(&["restart", "g"]), "Restarting g\n");
+    wait_until(Duration::from_secs(10), || {
+        env.processes("g").get(1).is_some_and(|p| p.2 == 1)
+    });
+
+    assert_eq!(env.running_pid("g"), Some(pid));
+    assert!(env.log("g").contains(": guest powered off, restarting\n"));
+    env.ok(&["poweroff", "-f", "g"]);
+}
+
+#[test]
+fn console_replays_early_output_to_every_viewer() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "");
+    env.ok(&["start", "g"]);
+
+    let mut first = Session::start(env.command(&["console", "g"]));
+    first.wait_for("fake: ready");
+    let mut second = Session::start(env.command(&["console", "g"]));
+    second.wait_for("fake: ready");
+    first.type_text("hello\n");
+    first.wait_for("echo: hello");
+    second.wait_for("echo: hello");
+    first.type_text("~.");
+    let first_status = first.wait_exit(Duration::from_secs(5));
+    // A script's viewer: stdin ends, output goes on until the guest ends.
+    second.close_stdin();
+    std::thread::sleep(Duration::from_millis(300));
+    let second_alive = second.child.try_wait().unwrap().is_none();
+    env.ok(&["poweroff", "-f", "g"]);
+    let second_status = second.wait_exit(Duration::from_secs(5));
+
+    for out in [first.output(), second.output()] {
+        assert!(
+            out.starts_with("fake: booting 1 cpus 64 MiB"),
+            "early output missing: {out:?}"
+        );
+        assert!(
+            out.contains("fake: early line 3\r\nfake: ready\r\n"),
+            "{out:?}"
+        );
+    }
+    assert!(first_status.success());
+    assert!(second_alive, "the viewer left at stdin EOF");
+    assert!(second_status.success());
+}
+
+#[test]
+fn killed_supervisor_leaves_nothing_that_blocks_the_next_start() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    let dir = env.guest("g", "");
+    env.ok(&["start", "g"]);
+    let pid = env.running_pid("g").unwrap();
+    let runner = env.runner_pid("g");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(5), || !alive(pid) && !alive(runner));
+
+    assert!(dir.join("run.lock").exists(), "stale lock left in place");
+    assert!(dir.join("run/control.sock").exists(), "stale socket left");
+    assert_eq!(env.running_pid("g"), None);
+    env.ok(&["start", "g"]);
+    let again = env.running_pid("g").unwrap();
+    assert_ne!(again, pid);
+    assert!(env.processes("g").len() == 2);
+    env.ok(&["stop", "g"]);
+}
+
+#[test]
+fn sigterm_to_the_supervisor_shuts_the_guest_down() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "");
+    env.ok(&["start", "g"]);
+    let pid = env.running_pid("g").unwrap();
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    env.wait_stopped("g");
+
+    let log = env.log("g");
+    assert!(
+        log.contains(": SIGTERM received, sending ACPI shutdown\n"),
+        "{log}"
+    );
+    assert!(log.ends_with(": exited (powered off)\n"), "{log}");
+}
+
+fn assert_nothing_started(env: &Env, name: &str) {
+    let dir = env.vm_dir.join(name);
+    assert!(!dir.join("run.lock").exists(), "a lock was left");
+    assert!(!dir.join("run").exists(), "run files were left");
+    assert_eq!(env.running_pid(name), None);
+}
+
+#[test]
+fn bad_kernel_initrd_or_memory_is_refused_before_anything_starts() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    let cases: [(&str, &str, &str); 5] = [
+        ("notbz", "", "is not a bzImage"),
+        ("nokernel", "", "does not exist"),
+        ("hugemem", "memory=8T", "more than the host's"),
+        ("biginitrd", "linux_initrd=\"initrd\"", "too large for"),
+        ("uefi", "", "not yet supported"),
+    ];
+    for (name, extra, _) in &cases {
+        let dir = env.guest(name, extra);
+        match *name {
+            "notbz" => fs::write(dir.join("vmlinuz"), vec![0u8; 8192]).unwrap(),
+            "nokernel" => fs::remove_file(dir.join("vmlinuz")).unwrap(),
+            "biginitrd" => fs::File::create(dir.join("initrd"))
+                .unwrap()
+                .set_len(40 << 20)
+                .unwrap(),
+            "uefi" => fs::write(dir.join("uefi.conf"), "loader=\"uefi\"\nmemory=64M\n").unwrap(),
+            _ => {}
+        }
+    }
+
+    for (name, _, expected) in &cases {
+        let err = env.fails(&["start", name]);
+        assert!(err.contains(expected), "{name}: {err}");
+        assert!(
+            err.starts_with(&format!("vm: ERROR: {name}: ")),
+            "{name}: {err}"
+        );
+        assert_nothing_started(&env, name);
+    }
+}
+
+#[test]
+fn runner_that_cannot_boot_fails_the_start_and_unlocks() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "linux_cmdline=\"fake.fail\"");
+
+    let err = env.fails(&["start", "g"]);
+
+    assert!(
+        err.contains("g failed to start: fake failure requested"),
+        "{err}"
+    );
+    env.wait_stopped("g");
+    assert!(!env.vm_dir.join("g/run.lock").exists());
+    assert!(
+        env.log("g")
+            .contains(": vcpu-runner could not boot the guest: fake failure requested\n")
+    );
+}
+
+#[test]
+fn missing_runner_binary_is_a_clear_error() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "");
+    fs::remove_file(env.libexec.join("vcpu-runner")).unwrap();
+
+    let err = env.fails(&["start", "g"]);
+
+    assert!(err.contains("vcpu-runner"), "{err}");
+    env.wait_stopped("g");
+    assert!(!env.vm_dir.join("g/run.lock").exists());
+}
+
+#[test]
+fn starting_a_running_guest_is_refused() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "");
+    env.ok(&["start", "g"]);
+    let pid = env.running_pid("g").unwrap();
+
+    let err = env.fails(&["start", "g"]);
+
+    assert_eq!(
+        err,
+        format!("vm: ERROR: g is already running (pid {pid})\n")
+    );
+    assert_eq!(env.running_pid("g"), Some(pid));
+    env.ok(&["stop", "g"]);
+}
+
+#[test]
+fn a_second_supervisor_for_a_running_guest_cannot_start() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "");
+    env.ok(&["start", "g"]);
+    let pid = env.running_pid("g").unwrap();
+
+    // What `vm start` runs detached, run directly beside the first supervisor.
+    let out = env.vm(&["_run", "g"]);
+
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("error: the guest is running (pid {pid})\n")
+    );
+    assert_eq!(env.running_pid("g"), Some(pid));
+    assert_eq!(env.processes("g")[1].2, 0);
+    env.ok(&["stop", "g"]);
+}
+
+#[test]
+fn start_of_several_guests_waits_vm_delay_between_them() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::with_delay("", 1);
+    for name in ["a", "b", "c"] {
+        env.guest(name, "");
+    }
+
+    let started = Instant::now();
+    let out = env.ok(&["start", "a", "b", "c"]);
+    let took = started.elapsed();
+
+    assert_eq!(out, "Starting a\nStarting b\nStarting c\n");
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    for name in ["a", "b", "c"] {
+        assert!(env.running_pid(name).is_some(), "{name}");
+    }
+    env.ok(&["stop", "a", "b", "c"]);
+}
+
+#[test]
+fn relative_config_and_libexec_paths_survive_the_detach() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "");
+
+    let out = env
+        .command(&["start", "g"])
+        .current_dir(&env.root)
+        .env("CAPVM_CONF", "vm.conf")
+        .env("CAPVM_LIBEXEC", "libexec")
+        .output()
+        .unwrap();
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid = env.running_pid("g").unwrap();
+    assert_eq!(
+        fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        PathBuf::from("/")
+    );
+    env.ok(&["stop", "g"]);
+}
+
+#[test]
+fn stopping_a_stopped_guest_is_an_error() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "");
+
+    let err = env.fails(&["stop", "g"]);
+
+    assert!(
+        err.contains("g doesn't appear to be a running virtual machine"),
+        "{err}"
+    );
+}
+
+#[test]
+fn triple_fault_ends_the_guest_by_default() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "linux_cmdline=\"fake.fault\"");
+
+    env.ok(&["start", "g"]);
+    env.wait_stopped("g");
+
+    let log = env.log("g");
+    assert!(
+        log.contains(": guest triple fault on vcpu 0: fake fault\n"),
+        "{log}"
+    );
+    assert!(log.ends_with(": exited (fault)\n"), "{log}");
+}
+
+#[test]
+fn on_fault_restart_reboots_a_crashing_guest_within_a_bound() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "linux_cmdline=\"fake.die\"\non_fault=\"restart\"");
+
+    env.ok(&["start", "g"]);
+    env.wait_stopped("g");
+
+    let log = env.log("g");
+    assert!(
+        log.contains(": vcpu-runner died: killed by SIGABRT\n"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches(": restarting after the fault (on_fault=restart)\n")
+            .count(),
+        5,
+        "{log}"
+    );
+    assert!(
+        log.contains(": 5 fault restarts within 60 s, giving up\n"),
+        "{log}"
+    );
+}
+
+#[test]
+fn runner_breaking_the_protocol_is_killed_as_a_crash() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "linux_cmdline=\"fake.garbage\"");
+
+    env.ok(&["start", "g"]);
+    env.wait_stopped("g");
+
+    let log = env.log("g");
+    assert!(
+        log.contains(": vcpu-runner sent an invalid message (reason text must be printable ASCII"),
+        "{log}"
+    );
+    assert!(!log.contains("owned"), "{log}");
+    assert!(log.ends_with(": exited (fault)\n"), "{log}");
+}
+
+#[test]
+fn runner_killed_by_seccomp_is_logged_as_such() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "");
+    env.ok(&["start", "g"]);
+    let mut console = Session::start(env.command(&["console", "g"]));
+    console.wait_for("fake: ready");
+
+    console.type_text("sigsys\n");
+    env.wait_stopped("g");
+
+    let log = env.log("g");
+    assert!(
+        log.contains(": vcpu-runner died: killed by its seccomp filter (SIGSYS)\n"),
+        "{log}"
+    );
+    assert!(console.wait_exit(Duration::from_secs(5)).success());
+}
+
+#[test]
+fn foreground_start_puts_the_console_on_stdio_and_exits_with_the_guest() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "");
+    let mut fg = Session::start(env.command(&["start", "-f", "g"]));
+    fg.wait_for("fake: ready");
+    assert!(env.running_pid("g").is_some());
+
+    fg.type_text("poweroff\n");
+    let status = fg.wait_exit(Duration::from_secs(5));
+
+    assert!(status.success());
+    assert!(
+        fg.output().starts_with("fake: booting"),
+        "{:?}",
+        fg.output()
+    );
+    assert!(fg.output().contains("echo: poweroff"));
+    assert_eq!(env.running_pid("g"), None);
+}
+
+#[test]
+fn foreground_start_fails_when_the_guest_faults() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest("g", "linux_cmdline=\"fake.fault\"");
+
+    let out = env.vm(&["start", "-f", "g"]);
+
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("fake: ready"));
+}
+
+#[test]
+fn startall_and_stopall_follow_vm_list() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("b a");
+    for name in ["a", "b", "c"] {
+        env.guest(name, "");
+    }
+
+    let started = env.ok(&["startall"]);
+    assert_eq!(started, "Starting b\nStarting a\n");
+    assert!(env.running_pid("a").is_some() && env.running_pid("b").is_some());
+    assert_eq!(env.running_pid("c"), None);
+    env.ok(&["start", "c"]);
+
+    let stopped = env.ok(&["stopall"]);
+
+    assert_eq!(
+        stopped,
+        "Sending ACPI shutdown to a\nSending ACPI shutdown to b\nSending ACPI shutdown to c\n"
+    );
+    for name in ["a", "b", "c"] {
+        assert_eq!(env.running_pid(name), None, "{name}");
+    }
+}
