@@ -21,6 +21,7 @@ pub mod devices;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod virtio_pci;
 
 use std::fs::File;
 use std::sync::Arc;
