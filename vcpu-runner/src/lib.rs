@@ -123,6 +123,7 @@ fn boot_machine(
         kernel: File::from(fd(FdRole::Kernel).ok_or_else(|| missing("kernel"))?),
         initrd: fd(FdRole::Initrd).map(File::from),
         console: File::from(fd(FdRole::Console).ok_or_else(|| missing("console"))?),
+        devices: std::iter::from_fn(|| fd(FdRole::DeviceChannel)).collect(),
     };
     let on_exit: machine::ExitHandler = Box::new(move |exit, detail| {
         if let Err(e) = channel.send(&FromRunner::exited(exit, detail), &[]) {
@@ -182,6 +183,9 @@ mod tests {
     ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
     ioctl_iow_nr!(KVM_SET_LAPIC, KVMIO, 0x8f, kvm_lapic_state);
     ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
+    ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_bindings::kvm_irqfd);
+    ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_bindings::kvm_ioeventfd);
+    ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_bindings::kvm_irq_routing);
 
     #[test]
     fn seccomp_policy_names_exactly_the_kvm_ioctls() {
@@ -207,6 +211,9 @@ mod tests {
             ("KVM_SET_LAPIC", KVM_SET_LAPIC()),
             ("KVM_SET_CPUID2", KVM_SET_CPUID2()),
             ("KVM_SET_FPU", KVM_SET_FPU()),
+            ("KVM_IRQFD", KVM_IRQFD()),
+            ("KVM_IOEVENTFD", KVM_IOEVENTFD()),
+            ("KVM_SET_GSI_ROUTING", KVM_SET_GSI_ROUTING()),
         ];
         let mut in_policy: Vec<(&str, u64)> = super::SECCOMP_POLICY
             .lines()

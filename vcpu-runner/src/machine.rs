@@ -30,8 +30,12 @@ use crate::devices::{Bus, MmioDevice, Overlap, PioDevice, Platform};
 use crate::layout::{
     ACPI_PM_BASE, ACPI_PM_LEN, CMOS_PORT, COM1_PORT, ECAM_SIZE, ECAM_START, I8042_COMMAND_PORT,
     I8042_DATA_PORT, KVM_IDENTITY_MAP_START, KVM_TSS_START, MMIO_HOLE_START, PCI_CONFIG_PORT,
+    PCI_MMIO32_START,
 };
 use crate::memory::{GuestMem, MemoryError};
+use crate::virtio_pci::kvm_host::KvmHost;
+use crate::virtio_pci::window::BarWindow;
+use crate::virtio_pci::{TransportError, VirtioHost, VirtioPci, bar_address, link};
 use crate::{acpi, boot, cpuid};
 
 /// The KVM API version this code speaks (stable since Linux 2.6.22).
@@ -47,6 +51,8 @@ const APIC_MODE_EXTINT: u32 = 0x700;
 const APIC_MODE_NMI: u32 = 0x400;
 /// How many unclaimed port/MMIO accesses are logged (at debug) before the rest are only counted.
 const UNCLAIMED_LOG_LIMIT: u32 = 32;
+/// How long a device process may take to say what it is.
+const DEVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the runner does when the guest ends: report it and end the process. Called once.
 pub type ExitHandler = Box<dyn Fn(GuestExit, &str) + Send + Sync>;
@@ -70,6 +76,20 @@ pub enum BuildError {
     Acpi(#[from] acpi::AcpiError),
     #[error("placing a device failed")]
     Bus(#[from] Overlap),
+    #[error("virtio device {index}: {source}")]
+    DeviceLink {
+        index: usize,
+        #[source]
+        source: link::LinkError,
+    },
+    #[error("virtio device {index}: {source}")]
+    Transport {
+        index: usize,
+        #[source]
+        source: TransportError,
+    },
+    #[error("virtio device {0}: no PCI slot or BAR left")]
+    TooManyDevices(usize),
     #[error("writing the ACPI tables into guest RAM failed")]
     AcpiWrite(#[source] vm_memory::GuestMemoryError),
     #[error("duplicating the console descriptor failed")]
@@ -90,6 +110,8 @@ pub struct Inputs {
     pub kernel: File,
     pub initrd: Option<File>,
     pub console: File,
+    /// One runner↔device channel per virtio device, in PCI slot order.
+    pub devices: Vec<OwnedFd>,
 }
 
 /// The devices' link to the machine: interrupt lines on the VM, exits to the handler.
@@ -129,6 +151,7 @@ pub struct Machine {
     com1: Arc<Mutex<Com1>>,
     acpi_pm: Arc<Mutex<AcpiPm>>,
     console_in: File,
+    virtio: Vec<VirtioDevice>,
     // Kept mapped for as long as the guest runs.
     memory_map: GuestMem,
     vm: Arc<VmFd>,
@@ -191,7 +214,8 @@ pub fn build(
         on_exit,
     });
     let console_out = inputs.console.try_clone().map_err(BuildError::Console)?;
-    let devices = Devices::new(cfg, platform.clone(), Box::new(console_out))?;
+    let virtio = connect_virtio(&vm, inputs.devices)?;
+    let devices = Devices::new(cfg, platform.clone(), Box::new(console_out), &virtio)?;
 
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -223,6 +247,7 @@ pub fn build(
         com1: devices.com1,
         acpi_pm: devices.acpi_pm,
         console_in: inputs.console,
+        virtio,
         memory_map: memory,
         vm,
     })
@@ -243,6 +268,7 @@ impl Devices {
         cfg: &MachineConfig,
         platform: Arc<RunnerPlatform>,
         console_out: Box<dyn std::io::Write + Send>,
+        virtio: &[VirtioDevice],
     ) -> Result<Devices, BuildError> {
         let dyn_platform: Arc<dyn Platform> = platform;
         let com1 = Arc::new(Mutex::new(Com1::new(dyn_platform.clone(), console_out)));
@@ -264,7 +290,13 @@ impl Devices {
             cfg.memory_bytes - below_4g,
         )));
         let i8042 = Arc::new(Mutex::new(I8042::new(dyn_platform.clone())));
-        let pci = Arc::new(Mutex::new(PciRoot::new(dyn_platform)));
+        let mut root = PciRoot::new(dyn_platform);
+        for (index, device) in virtio.iter().enumerate() {
+            let slot = u8::try_from(index + 1).map_err(|_| BuildError::TooManyDevices(index))?;
+            root.add_function(slot, VirtioPci::pci_function(&device.pci))
+                .map_err(|_| BuildError::TooManyDevices(index))?;
+        }
+        let pci = Arc::new(Mutex::new(root));
 
         let mut pio: Bus<dyn PioDevice> = Bus::default();
         pio.insert(u64::from(COM1_PORT), 8, com1.clone())?;
@@ -279,6 +311,16 @@ impl Devices {
         pio.insert(u64::from(PCI_CONFIG_PORT), 8, pci.clone())?;
         let mut mmio: Bus<dyn MmioDevice> = Bus::default();
         mmio.insert(ECAM_START, ECAM_SIZE, pci)?;
+        if !virtio.is_empty() {
+            // Every virtio BAR0 sits in the 32-bit window; the window routes each access to the
+            // function that decodes it now, wherever the guest moved it.
+            let functions: Vec<_> = virtio.iter().map(|d| d.pci.clone()).collect();
+            mmio.insert(
+                PCI_MMIO32_START,
+                ECAM_START - PCI_MMIO32_START,
+                Arc::new(Mutex::new(BarWindow::new(&functions))),
+            )?;
+        }
         Ok(Devices {
             pio,
             mmio,
@@ -286,6 +328,37 @@ impl Devices {
             acpi_pm,
         })
     }
+}
+
+/// One virtio device: its channel to the device process and its transport.
+struct VirtioDevice {
+    channel: Arc<proto::Channel>,
+    pci: Arc<Mutex<VirtioPci>>,
+}
+
+/// Handshakes with each device process and builds its transport (BAR0 at its fixed place);
+/// every device has said what it is before the first vCPU runs.
+fn connect_virtio(vm: &Arc<VmFd>, devices: Vec<OwnedFd>) -> Result<Vec<VirtioDevice>, BuildError> {
+    if devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let host: Arc<dyn VirtioHost> = Arc::new(KvmHost::new(vm.clone()));
+    devices
+        .into_iter()
+        .enumerate()
+        .map(|(index, fd)| {
+            let channel = Arc::new(proto::Channel::from_fd(fd));
+            let info = link::connect(&channel, DEVICE_CONNECT_TIMEOUT)
+                .map_err(|source| BuildError::DeviceLink { index, source })?;
+            let bar = bar_address(index).ok_or(BuildError::TooManyDevices(index))?;
+            let pci = VirtioPci::new(info, bar, host.clone(), channel.clone())
+                .map_err(|source| BuildError::Transport { index, source })?;
+            Ok(VirtioDevice {
+                channel,
+                pci: Arc::new(Mutex::new(pci)),
+            })
+        })
+        .collect()
 }
 
 fn register_memory(vm: &VmFd, memory: &GuestMem) -> Result<(), BuildError> {
@@ -370,6 +443,10 @@ impl Machine {
             .name("console-in".into())
             .spawn(move || feed_console(console, &com1))
             .map_err(BuildError::Thread)?;
+        for (index, device) in self.virtio.into_iter().enumerate() {
+            link::spawn(&format!("dev{index}"), device.channel, device.pci)
+                .map_err(|source| BuildError::DeviceLink { index, source })?;
+        }
         barrier.wait();
         // The memory and the VM must outlive the vCPU threads, which run until the process
         // exits: they are leaked rather than dropped.
