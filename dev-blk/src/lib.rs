@@ -1,23 +1,84 @@
-//! `dev-blk`: serves one virtio-blk disk.
+//! `dev-blk`: serves one virtio-blk disk (virtio 1.2 §5.2) to one guest.
 //!
-//! Started by the per-VM supervisor with its bootstrap channel on fd 3; it will hold
-//! the guest RAM memfd and one disk descriptor. So far the process takes its bootstrap, enters capability mode
-//! (`child::start`, with this crate's `seccomp.policy`) and waits until the supervisor closes
-//! the channel; the device model itself comes with a later change.
+//! Started by the per-VM supervisor with its bootstrap channel on fd 3. It receives its log,
+//! the guest RAM memfd, one disk descriptor (a raw image or a block device, opened read-only
+//! for read-only disks) and its channel to the vcpu-runner, enters capability mode
+//! (`child::start`, with this crate's `seccomp.policy`), then reads a
+//! [`proto::device::DeviceSetup::Block`] on the bootstrap channel and serves the runner.
 //!
-//! Trusts: its supervisor, for the bootstrap. Touches: only the descriptors it was given.
+//! Layout:
+//! - [`request`]: the pure request path — chain → [`request::Request`] → status + used length.
+//! - [`disk`]: the [`disk::Disk`] trait and its file implementation (`preadv`/`pwritev` straight
+//!   into guest memory, `fdatasync`, `fallocate`).
+//! - [`queue_loop`]: one thread per virtqueue (kick/call eventfds, `EVENT_IDX`).
+//! - [`pool`]: the bounded I/O worker pool shared by the queues.
+//! - [`config`]: feature bits and the configuration space.
+//! - [`device`]: the control side (`Info`, `Activate`, `Reset`).
+//!
+//! Trusts: its supervisor, for the bootstrap and setup (still validated). Does not trust the
+//! runner's messages beyond their validated bounds, nor anything in guest memory.
+//! Touches: only the descriptors it was given; guest memory only through `vm-memory`'s
+//! bounds-checked slices; the disk only inside its size.
 
-/// This process's seccomp policy, on top of the sandbox's base policy.
+pub mod config;
+pub mod device;
+pub mod disk;
+pub mod pool;
+pub mod queue_loop;
+pub mod request;
+
+use proto::bootstrap::FdRole;
+use proto::channel::{Channel, ChannelError};
+use proto::device::DeviceSetup;
+
+pub use device::{Device, DeviceError, DeviceFds};
+
+/// This process's seccomp policy, on top of the sandbox's base and thread policies.
 pub const SECCOMP_POLICY: &str = include_str!("../seccomp.policy");
 
 /// The role name this binary answers to.
 pub const ROLE: &str = "dev-blk";
 
-/// Runs the process: bootstrap, capability mode, then serve until the supervisor hangs up.
-pub fn run() -> Result<(), child::StartError> {
-    child::start_and_wait(child::ChildKind {
+/// Why the process stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Start(#[from] child::StartError),
+    #[error("reading the device setup failed")]
+    Setup(#[source] ChannelError),
+    #[error("the device failed")]
+    Device(#[from] DeviceError),
+}
+
+/// Runs the process: bootstrap, capability mode, device setup, then serve until the
+/// supervisor or the runner hangs up.
+pub fn run() -> Result<(), RunError> {
+    let mut started = child::start(child::ChildKind {
         role_name: ROLE,
         policy: SECCOMP_POLICY,
-        threads: false,
-    })
+        threads: true,
+    })?;
+    let setup = loop {
+        match started.channel.recv::<DeviceSetup>() {
+            Ok(received) => break received.msg,
+            Err(ChannelError::Closed) => {
+                tracing::info!("supervisor closed the channel before the setup; exiting");
+                return Ok(());
+            }
+            Err(e @ (ChannelError::Recv(_) | ChannelError::Send(_))) => {
+                return Err(RunError::Setup(e));
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring a malformed setup message"),
+        }
+    };
+    let DeviceSetup::Block(setup) = setup;
+    let mut take = |role| started.take_fd(&role).ok_or(DeviceError::MissingFd(role));
+    let fds = DeviceFds {
+        memory: take(FdRole::GuestMemory)?,
+        disk: take(FdRole::Disk)?,
+        runner: Channel::from_fd(take(FdRole::DeviceChannel)?),
+    };
+    let device = Device::new(&setup, fds)?;
+    device.serve(&started.channel)?;
+    Ok(())
 }

@@ -11,6 +11,7 @@
 //! - [`testhost`]: where a guest can run: directly on `/dev/kvm`, or inside
 //!   the emulated test host (`tests/testhost.sh`) on machines whose KVM cannot
 //!   run ordinary guests (PVM).
+//! - [`virtio_driver`]: a split-ring driver playing the guest for device-process tests.
 //! - [`harness`]: the runner of the e2e test binaries (skips are reported as
 //!   skips, tests that need KVM move into the test host where needed).
 //!
@@ -25,3 +26,4 @@ pub mod launcher;
 pub mod marker;
 pub mod testhost;
 pub mod testvm;
+pub mod virtio_driver;
