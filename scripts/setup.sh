@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs what capvm needs, builds it, and runs the demo: a datastore in a scratch directory,
-# the seed article's steps (vm init, vm create -t freebsd-uefi, vm list, vm info).
+# the seed article's steps (vm init, vm create -t freebsd-uefi, vm list, vm info), then a Linux
+# guest (the test kit's Debian kernel + busybox initramfs, built from Debian packages) booted with
+# `vm start -f`: it prints what it sees and powers itself off. Where this host's /dev/kvm cannot
+# run ordinary guests (PVM), the guest boots inside the emulated test host (tests/testhost.sh).
 # Usage: sudo scripts/setup.sh [DEMO_DIR]      (default DEMO_DIR: /var/tmp/capvm-demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,5 +23,27 @@ run datastore list
 "$vm" info freebsd >/dev/null 2>&1 || run create -t freebsd-uefi -s 16G freebsd
 run list
 run info freebsd
+
+kit=$(tests/kit/build.sh)
+guest_dir="$VM_DIR/linux-demo"
+mkdir -p "$guest_dir"
+hello='echo "hello from a capvm guest: $(uname -sr), $(grep -c ^processor /proc/cpuinfo) vCPUs, $(sed -n "s/MemTotal: *//p" /proc/meminfo) RAM"'
+cat > "$guest_dir/linux-demo.conf" <<EOF
+loader="linux"
+linux_kernel="$kit/vmlinuz"
+linux_initrd="$kit/kit.cpio"
+linux_cmdline="console=ttyS0 quiet iommu=noaperture init_on_alloc=0 panic=-1 capvm.action=run capvm.run=$(printf '%s' "$hello" | base64 -w0)"
+cpu="2"
+memory="512M"
+EOF
+run info linux-demo
+case $(tests/testhost.sh --verdict 2>/dev/null || echo none) in
+direct) run start -f linux-demo </dev/null ;;
+testhost)
+    echo "+ vm start -f linux-demo    (inside the test host: this host's KVM cannot run ordinary guests)"
+    CAPVM_LIBEXEC="$PWD/target/release" tests/testhost.sh "$vm" start -f linux-demo </dev/null
+    ;;
+*) echo "no /dev/kvm that runs guests here: not booting linux-demo" ;;
+esac
 echo
 echo "capvm is built in target/release; the demo datastore is $VM_DIR (settings in $CAPVM_CONF)."

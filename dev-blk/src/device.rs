@@ -370,7 +370,8 @@ mod tests {
         let mem = mem();
         let fresh = build_queue(&config(64, 0x1000), true, &mem).expect("fresh queue");
         assert_eq!((fresh.next_avail(), fresh.next_used()), (0, 0));
-        mem.write_obj(1234u16, GuestAddress(0x3002)).expect("used idx");
+        mem.write_obj(1234u16, GuestAddress(0x3002))
+            .expect("used idx");
         let resumed = build_queue(&config(64, 0x1000), true, &mem).expect("resumed queue");
         assert_eq!((resumed.next_avail(), resumed.next_used()), (1234, 1234));
     }

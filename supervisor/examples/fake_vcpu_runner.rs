@@ -9,6 +9,10 @@
 //! - `fake.die`: abort right after `Running`, without a message;
 //! - `fake.garbage`: send an `Exited` whose text breaks the protocol's bounds.
 //!
+//! Each `DeviceChannel` fd is a device (in PCI order): the fake handshakes with it, reads its
+//! `Info` and prints `fake: device N: CONFIG` (the fake dev-blk's configuration space is a
+//! line of text) before the guest runs, as the real runner waits for every device's `Info`.
+//!
 //! A line typed on the console is echoed as `echo: LINE`; the lines `reboot`, `poweroff`,
 //! `fault` and `die` act as their names say, and `sigsys` makes a system call outside the
 //! sandbox's allow-list (`getppid`), which the seccomp filter answers by killing the process.
@@ -21,7 +25,8 @@ use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use proto::bootstrap::FdRole;
-use proto::channel::{Channel, ChannelError};
+use proto::channel::{Channel, ChannelError, ChannelKind};
+use proto::device::FromDevice;
 use proto::runner::{FromRunner, GuestExit, ToRunner};
 
 /// Nothing beyond the base policy: reads, writes, poll and the channel.
@@ -52,7 +57,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    match run(&started.channel, File::from(console), &memory) {
+    let mut devices = Vec::new();
+    while let Some(fd) = started.take_fd(&FdRole::DeviceChannel) {
+        devices.push(Channel::from_fd(fd));
+    }
+    match run(&started.channel, File::from(console), &memory, &devices) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fake-vcpu-runner: {e}");
@@ -61,7 +70,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(channel: &Channel, mut console: File, memory: &OwnedFd) -> Result<(), ChannelError> {
+fn run(
+    channel: &Channel,
+    mut console: File,
+    memory: &OwnedFd,
+    devices: &[Channel],
+) -> Result<(), ChannelError> {
     let ToRunner::Boot(machine) = channel
         .recv_timeout::<ToRunner>(Duration::from_secs(10))?
         .msg
@@ -87,6 +101,22 @@ fn run(channel: &Channel, mut console: File, memory: &OwnedFd) -> Result<(), Cha
     );
     for n in 1..=3 {
         let _ = write!(console, "fake: early line {n}\r\n");
+    }
+    for (n, device) in devices.iter().enumerate() {
+        let wait = Duration::from_secs(10);
+        let info = device
+            .handshake_timeout(ChannelKind::RunnerDevice, wait)
+            .and_then(|()| device.recv_timeout::<FromDevice>(wait));
+        match info.map(|r| r.msg) {
+            Ok(FromDevice::Info(info)) => {
+                let text = String::from_utf8_lossy(&info.config).into_owned();
+                let _ = write!(console, "fake: device {n}: {text}\r\n");
+            }
+            other => {
+                let reason = format!("device {n} sent no Info: {other:?}");
+                return channel.send(&FromRunner::failed(&reason), &[]);
+            }
+        }
     }
     if has("fake.fail") {
         return channel.send(&FromRunner::failed("fake failure requested"), &[]);

@@ -100,6 +100,16 @@ pub enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Start a guest with an ISO attached read-only after its disks, for this run only
+    Install {
+        /// Stay in the foreground with the serial console on stdin/stdout; exit with the guest
+        #[arg(short = 'f')]
+        foreground: bool,
+        /// Guest to start
+        name: String,
+        /// The ISO: a file in $vm_dir/.iso, or a path (any name with a '/')
+        iso: String,
+    },
     /// Press the ACPI power button of running guests and wait until they are off
     Stop {
         /// Seconds to wait before forcing the guest off (default: its stop_timeout, else 30; 0 never forces)
@@ -142,6 +152,9 @@ pub enum Command {
     /// The per-VM supervisor that `vm start` runs detached (not for direct use)
     #[command(name = "_run", hide = true)]
     Supervise {
+        /// Install media to attach read-only after the disks (vm install)
+        #[arg(long, value_name = "PATH")]
+        iso: Option<PathBuf>,
         /// Guest to run
         name: String,
     },
@@ -262,7 +275,16 @@ mod tests {
         let cli = Cli::try_parse_from(["vm", "poweroff", "-f", "a"]).unwrap();
         assert!(matches!(cli.command, Command::Poweroff { force: true, .. }));
         let cli = Cli::try_parse_from(["vm", "_run", "a"]).unwrap();
-        assert!(matches!(cli.command, Command::Supervise { .. }));
+        assert!(matches!(cli.command, Command::Supervise { iso: None, .. }));
+        let cli = Cli::try_parse_from(["vm", "install", "-f", "a", "x.iso"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Install { foreground: true, ref name, ref iso } if name == "a" && iso == "x.iso"
+        ));
+        let cli = Cli::try_parse_from(["vm", "_run", "--iso", "/i/x.iso", "a"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Supervise { iso: Some(ref p), .. } if p == &PathBuf::from("/i/x.iso"))
+        );
         assert!(Cli::try_parse_from(["vm", "stop", "-t", "3601", "a"]).is_err());
         assert!(Cli::try_parse_from(["vm", "start"]).is_err());
     }

@@ -148,7 +148,14 @@ pub fn run(cli: &Cli, io: &mut Streams<'_>) -> Result<bool, CommandError> {
         }
         Command::Startall => Ok(lifecycle::startall(&host, io)?),
         Command::Stopall => Ok(lifecycle::stopall(&host, io)?),
-        Command::Supervise { name } => Ok(lifecycle::run_detached(&host, name)?),
+        Command::Supervise { iso, name } => {
+            Ok(lifecycle::run_detached(&host, name, iso.as_deref())?)
+        }
+        Command::Install {
+            foreground,
+            name,
+            iso,
+        } => Ok(lifecycle::install(&host, name, iso, *foreground, io)?),
         Command::Iso { datastore, url } => {
             run_media(vm_dir, MediaKind::Iso, datastore, url.as_deref(), io)
         }

@@ -186,6 +186,69 @@ pub struct Disk {
     pub name: String,
     /// `diskN_size` in bytes (templates).
     pub size: Option<u64>,
+    /// `diskN_opts`.
+    pub opts: DiskOpts,
+}
+
+/// `diskN_opts`: bhyve's block device options, comma separated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DiskOpts {
+    /// `ro`: the guest sees a read-only disk; the image is opened read-only.
+    pub read_only: bool,
+    /// `direct`: the image is opened `O_DIRECT` (no host page cache).
+    pub direct: bool,
+    /// `nocache`: the image is opened `O_DIRECT` as well (see [`DiskOpts::parse`]).
+    pub nocache: bool,
+    /// `sectorsize=L[/P]`: the logical block size the guest sees (the physical one is
+    /// checked and not passed on).
+    pub sectorsize: Option<u32>,
+}
+
+impl DiskOpts {
+    /// Parses a `diskN_opts` value. bhyve's `nocache` skips the host cache for reads and
+    /// `direct` makes writes synchronous; capvm opens the image `O_DIRECT` for either, which
+    /// covers both (every flush still reaches `fdatasync`). `nodelete` is accepted and has no
+    /// effect yet (discards always punch holes).
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let mut opts = DiskOpts::default();
+        for word in value.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match word {
+                "ro" => opts.read_only = true,
+                "direct" => opts.direct = true,
+                "nocache" => opts.nocache = true,
+                "nodelete" => {}
+                _ => {
+                    let Some(sizes) = word.strip_prefix("sectorsize=") else {
+                        return Err(format!(
+                            "unknown disk option {word:?} (expected ro, direct, nocache, nodelete or sectorsize=)"
+                        ));
+                    };
+                    let mut parts = sizes.splitn(2, '/');
+                    let logical = parse_sector_size(parts.next().unwrap_or_default())?;
+                    if let Some(physical) = parts.next() {
+                        let physical = parse_sector_size(physical)?;
+                        if physical < logical {
+                            return Err(format!(
+                                "sectorsize={sizes}: the physical size is smaller than the logical one"
+                            ));
+                        }
+                    }
+                    opts.sectorsize = Some(logical);
+                }
+            }
+        }
+        Ok(opts)
+    }
+}
+
+/// A sector size: a power of two in 512..=4096 (what virtio-blk's `blk_size` may offer).
+fn parse_sector_size(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(n) if (512..=4096).contains(&n) && n.is_power_of_two() => Ok(n),
+        _ => Err(format!(
+            "sector size {text:?} is not a power of two in 512..=4096"
+        )),
+    }
 }
 
 impl Disk {
@@ -627,6 +690,9 @@ impl Checker<'_> {
         let emulation = self.typed(&type_key, DiskEmulation::parse);
         let dev = self.typed(&dev_key, DiskDev::parse);
         let size = self.typed(&size_key, parse_disk_size);
+        let opts = self
+            .typed(&format!("disk{n}_opts"), DiskOpts::parse)
+            .unwrap_or_default();
         let name = self.value(&name_key).map(|(v, l)| (v.to_owned(), l));
         let type_line = self.value(&type_key).map(|(_, l)| l);
         let (Some((name, name_line)), Some(type_line)) = (name, type_line) else {
@@ -686,6 +752,7 @@ impl Checker<'_> {
             dev: dev_value,
             name,
             size,
+            opts,
         })
     }
 
@@ -962,6 +1029,44 @@ mod tests {
         assert_eq!(p.warnings.len(), 3, "{:?}", p.warnings);
         assert_eq!(p.config.disks.len(), 2);
         assert_eq!(p.config.disks[1].path(Path::new("/g")), None);
+    }
+
+    #[test]
+    fn disk_opts_are_read() {
+        let p = parse(
+            "disk0_type=virtio-blk\ndisk0_name=a.img\ndisk0_opts=\"ro,direct, sectorsize=4096/4096\"\ndisk1_type=virtio-blk\ndisk1_name=b.img\n",
+        )
+        .unwrap();
+        let want = DiskOpts {
+            read_only: true,
+            direct: true,
+            nocache: false,
+            sectorsize: Some(4096),
+        };
+        assert_eq!(p.config.disks[0].opts, want);
+        assert_eq!(p.config.disks[1].opts, DiskOpts::default());
+        assert_eq!(p.warnings, vec![]);
+    }
+
+    #[test]
+    fn bad_disk_opts_are_errors_naming_the_key() {
+        let errs = errors("disk0_type=virtio-blk\ndisk0_name=a.img\ndisk0_opts=\"fast\"\n");
+        assert!(
+            errs[0].contains(":3: disk0_opts: unknown disk option \"fast\""),
+            "{errs:?}"
+        );
+        for bad in [
+            "sectorsize=1000",
+            "sectorsize=8192",
+            "sectorsize=4096/512",
+            "sectorsize=",
+        ] {
+            assert!(DiskOpts::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            DiskOpts::parse("nocache,nodelete").map(|o| o.nocache),
+            Ok(true)
+        );
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! The lifecycle commands: `vm start`, `stop`, `restart`, `reset`, `poweroff`, `startall`,
 //! `stopall`, and the hidden `vm _run NAME` that is the detached per-VM supervisor.
 //!
+//! `vm install NAME ISO` is `vm start` with the ISO attached read-only as one more disk after
+//! the configured ones (`vm _run --iso PATH NAME`): it stays attached across the guest's
+//! reboots in that run, and a later `vm start` does not attach it. With `loader="linux"` the
+//! guest still boots `linux_kernel`; the ISO is a disk it can read (`/dev/vdN`).
+//!
 //! `vm start NAME` checks the guest ([`preflight`]), then runs `vm _run NAME` in a new session
 //! with stdio on `/dev/null` (stderr on the guest's `vm-bhyve.log`), and waits on a pipe
 //! (the child's stdout) for one line: `ok` once the guest runs, or `error: WHY`. Every other
@@ -32,6 +37,8 @@ use crate::vmlog::LOG_FILE;
 
 /// The runner binary's name (found by [`spawn::binary_path`]).
 pub const RUNNER_BINARY: &str = "vcpu-runner";
+/// Where `vm install` looks for an ISO named without a `/`, in the default datastore.
+const ISO_DIR: &str = crate::datastore::ISO_DIR;
 /// How long `vm start` waits for the supervisor to report the guest running.
 const START_TIMEOUT: Duration = Duration::from_mins(1);
 /// Extra time `vm stop` waits beyond the stop timeout for the supervisor to exit.
@@ -86,6 +93,34 @@ pub enum LifecycleError {
     Output(#[from] io::Error),
 }
 
+/// Loads `name`'s config and checks it can boot, with `iso` attached as install media.
+fn plan_install(
+    stores: &Datastores,
+    name: &str,
+    iso: Option<&Path>,
+) -> Result<(Guest, BootPlan), LifecycleError> {
+    let (guest, mut plan) = plan_guest(stores, name)?;
+    if let Some(iso) = iso {
+        plan.attach_install_media(iso)
+            .map_err(|source| LifecycleError::Preflight {
+                name: name.to_owned(),
+                source,
+            })?;
+    }
+    Ok((guest, plan))
+}
+
+/// vm-bhyve's rule for `vm install`'s ISO argument: a name with a `/` is a path, anything
+/// else a file in the default datastore's `.iso/`. A relative path is made absolute, since
+/// the supervisor leaves the working directory.
+pub fn iso_path(vm_dir: &Path, iso: &str) -> PathBuf {
+    if iso.contains('/') {
+        std::path::absolute(iso).unwrap_or_else(|_| PathBuf::from(iso))
+    } else {
+        vm_dir.join(ISO_DIR).join(iso)
+    }
+}
+
 /// Loads `name`'s config and checks it can boot.
 pub fn plan_guest(stores: &Datastores, name: &str) -> Result<(Guest, BootPlan), LifecycleError> {
     let guest = stores.find_guest(name)?;
@@ -126,7 +161,7 @@ pub fn start(
         if i > 0 {
             std::thread::sleep(Duration::from_secs(u64::from(host.vm_delay)));
         }
-        if let Err(e) = start_one(host, &stores, name, io) {
+        if let Err(e) = start_one(host, &stores, name, None, io) {
             writeln!(io.err, "vm: ERROR: {}", crate::list::error_chain(&e))?;
             all_ok = false;
         }
@@ -134,15 +169,37 @@ pub fn start(
     Ok(all_ok)
 }
 
+/// `vm install [-f] NAME ISO`: starts the guest (detached, or in the foreground) with the ISO
+/// attached read-only after its disks, for this run only.
+pub fn install(
+    host: &HostConfig,
+    name: &str,
+    iso: &str,
+    foreground: bool,
+    io: &mut Streams<'_>,
+) -> Result<bool, LifecycleError> {
+    let iso = iso_path(&host.vm_dir, iso);
+    if foreground {
+        return start_foreground_with(host, name, Some(&iso), io);
+    }
+    let stores = Datastores::load(&host.vm_dir)?;
+    start_one(host, &stores, name, Some(&iso), io)?;
+    Ok(true)
+}
+
 fn start_one(
     host: &HostConfig,
     stores: &Datastores,
     name: &str,
+    iso: Option<&Path>,
     io: &mut Streams<'_>,
 ) -> Result<(), LifecycleError> {
-    let (guest, _plan) = plan_guest(stores, name)?;
+    let (guest, _plan) = plan_install(stores, name, iso)?;
     refuse_running(&guest)?;
-    writeln!(io.out, "Starting {name}")?;
+    match iso {
+        Some(iso) => writeln!(io.out, "Starting {name} with {} attached", iso.display())?,
+        None => writeln!(io.out, "Starting {name}")?,
+    }
     io.out.flush()?;
     let spawn_err = |source| LifecycleError::Spawn {
         name: name.to_owned(),
@@ -158,10 +215,11 @@ fn start_one(
         .open(guest.dir.join(LOG_FILE))
         .map_or_else(|_| Stdio::null(), Stdio::from);
     let mut cmd = Command::new(exe);
-    cmd.arg("--vm-dir")
-        .arg(&host.vm_dir)
-        .arg("_run")
-        .arg(name)
+    cmd.arg("--vm-dir").arg(&host.vm_dir).arg("_run");
+    if let Some(iso) = iso {
+        cmd.arg("--iso").arg(iso);
+    }
+    cmd.arg(name)
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(stderr);
@@ -271,12 +329,16 @@ impl Notifier {
     }
 }
 
-/// `vm _run NAME`: the detached supervisor. Returns when the guest has ended.
-pub fn run_detached(host: &HostConfig, name: &str) -> Result<bool, LifecycleError> {
+/// `vm _run [--iso PATH] NAME`: the detached supervisor. Returns when the guest has ended.
+pub fn run_detached(
+    host: &HostConfig,
+    name: &str,
+    iso: Option<&Path>,
+) -> Result<bool, LifecycleError> {
     let mut notifier = Notifier::take_stdout();
     let result = Datastores::load(&host.vm_dir)
         .map_err(LifecycleError::from)
-        .and_then(|stores| plan_guest(&stores, name))
+        .and_then(|stores| plan_install(&stores, name, iso))
         .and_then(|(guest, plan)| {
             let cfg = monitor_config(name, &guest, plan);
             monitor::run(&cfg, None, &mut |r| notifier.send(r)).map_err(LifecycleError::from)
@@ -296,6 +358,7 @@ fn monitor_config(name: &str, guest: &Guest, plan: BootPlan) -> MonitorConfig {
         guest_dir: guest.dir.clone(),
         plan,
         runner_binary: spawn::binary_path(RUNNER_BINARY),
+        dev_blk_binary: spawn::binary_path(crate::monitor::devices::DEV_BLK_BINARY),
     }
 }
 
@@ -309,8 +372,17 @@ pub fn start_foreground(
     let [name] = names else {
         return Err(LifecycleError::ForegroundOne);
     };
+    start_foreground_with(host, name, None, io)
+}
+
+fn start_foreground_with(
+    host: &HostConfig,
+    name: &str,
+    iso: Option<&Path>,
+    io: &mut Streams<'_>,
+) -> Result<bool, LifecycleError> {
     let stores = Datastores::load(&host.vm_dir)?;
-    let (guest, plan) = plan_guest(&stores, name)?;
+    let (guest, plan) = plan_install(&stores, name, iso)?;
     refuse_running(&guest)?;
     writeln!(io.err, "Starting {name}")?;
     let stdin = io::stdin().as_fd().try_clone_to_owned()?;
@@ -326,7 +398,7 @@ pub fn start_foreground(
     drop(raw);
     if let Some(reason) = failure {
         return Err(LifecycleError::StartFailed {
-            name: name.clone(),
+            name: name.to_owned(),
             reason,
         });
     }
@@ -506,7 +578,7 @@ pub fn startall(host: &HostConfig, io: &mut Streams<'_>) -> Result<bool, Lifecyc
             std::thread::sleep(Duration::from_secs(u64::from(host.vm_delay)));
         }
         first = false;
-        if let Err(e) = start_one(host, &stores, name, io) {
+        if let Err(e) = start_one(host, &stores, name, None, io) {
             writeln!(io.err, "vm: ERROR: {}", crate::list::error_chain(&e))?;
             all_ok = false;
         }

@@ -12,11 +12,16 @@
 //! `on_fault="restart"`. What the runner says is checked ([`FromRunner::validate`]): it runs
 //! guest-controlled code paths and may be compromised. A malformed message kills it.
 //!
+//! Each boot also starts a `dev-blk` per disk ([`devices`]); the supervisor watches their
+//! pidfds too, logs a device that dies, and kills and reaps them all when the boot ends.
+//!
 //! Files: `GUEST_DIR/run.lock` (held), `GUEST_DIR/run/control.sock`, `GUEST_DIR/vm-bhyve.log`
-//! (lifecycle lines) and `GUEST_DIR/vcpu-runner.log` (the runner's own `tracing` output,
-//! truncated at each start).
+//! (lifecycle lines), `GUEST_DIR/vcpu-runner.log` (the runner's own `tracing` output) and
+//! `GUEST_DIR/dev-blkN.log` (disk N's device), truncated at each start and appended to by
+//! each boot of that run.
 
 mod control;
+pub mod devices;
 pub mod runner;
 pub mod viewers;
 
@@ -47,6 +52,11 @@ use crate::vmlog::{VmLog, VmLogError};
 
 /// The runner's log file in the guest directory.
 pub const RUNNER_LOG_FILE: &str = "vcpu-runner.log";
+
+/// The log file of disk `index`'s dev-blk in the guest directory.
+pub fn disk_log_file(index: u32) -> String {
+    format!("dev-blk{index}.log")
+}
 /// How long a runner may take from its start to `Running`.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a runner may linger after reporting the guest's end, or after SIGKILL.
@@ -99,6 +109,8 @@ pub struct MonitorConfig {
     pub plan: BootPlan,
     /// The `vcpu-runner` executable.
     pub runner_binary: PathBuf,
+    /// The `dev-blk` executable.
+    pub dev_blk_binary: PathBuf,
 }
 
 /// What the user asked for, which decides what the runner's end means.
@@ -135,6 +147,8 @@ struct Monitor<'a> {
     cfg: MonitorConfig,
     log: &'a mut VmLog,
     runner_log: File,
+    /// One per disk of the plan, in its order.
+    disk_logs: Vec<File>,
     listener: OwnedFd,
     signals: SignalFd,
     console: Console,
@@ -154,6 +168,8 @@ enum Token {
     Signal,
     Channel,
     Pidfd,
+    /// The pidfd of device `n` of the current boot.
+    DevicePidfd(usize),
     Console,
     ViewerIn(usize),
     ViewerOut(usize),
@@ -208,23 +224,21 @@ fn start_and_watch(
     on_started: &mut dyn FnMut(Result<(), String>),
 ) -> Result<Outcome, MonitorError> {
     let listener = control_socket::listen_at(&cfg.guest_dir)?;
-    let runner_log_path = cfg.guest_dir.join(RUNNER_LOG_FILE);
-    let runner_log = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&runner_log_path)
-        .map_err(|source| MonitorError::RunnerLog {
-            path: runner_log_path,
-            source,
-        })?;
+    let runner_log = open_log(&cfg.guest_dir.join(RUNNER_LOG_FILE))?;
+    let disk_logs = cfg
+        .plan
+        .disks
+        .iter()
+        .map(|d| open_log(&cfg.guest_dir.join(disk_log_file(d.index))))
+        .collect::<Result<Vec<_>, _>>()?;
     let signals = block_signals()?;
+    let disk_log_fds: Vec<_> = disk_logs.iter().map(AsFd::as_fd).collect();
     let ctx = BootContext {
         name: &cfg.name,
         runner_binary: &cfg.runner_binary,
         runner_log: runner_log.as_fd(),
+        dev_blk_binary: &cfg.dev_blk_binary,
+        disk_logs: &disk_log_fds,
     };
     let runner = match runner::boot(&cfg.plan, &ctx) {
         Ok(r) => r,
@@ -235,7 +249,8 @@ fn start_and_watch(
             return Err(e.into());
         }
     };
-    log.line(&format!("starting vcpu-runner (pid {})", runner.pid()));
+    log_boot(log, &cfg, &runner);
+    drop(disk_log_fds);
     let mut viewers = Vec::new();
     if let Some((input, output)) = terminal {
         viewers.push(Viewer::terminal(input, output));
@@ -244,6 +259,7 @@ fn start_and_watch(
         cfg,
         log,
         runner_log,
+        disk_logs,
         listener,
         signals,
         console: Console {
@@ -271,6 +287,35 @@ fn start_and_watch(
     outcome
 }
 
+/// Opens a child's log file, truncated.
+fn open_log(path: &std::path::Path) -> Result<File, MonitorError> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| MonitorError::RunnerLog {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// The `vm-bhyve.log` lines of a boot: its devices, then its runner.
+fn log_boot(log: &mut VmLog, cfg: &MonitorConfig, runner: &RunnerProcess) {
+    for (device, disk) in runner.devices.iter().zip(&cfg.plan.disks) {
+        let ro = if disk.read_only { ", read-only" } else { "" };
+        log.line(&format!(
+            "starting {} (pid {}) for {}{ro}",
+            device.name,
+            device.pid(),
+            disk.path.display()
+        ));
+    }
+    log.line(&format!("starting vcpu-runner (pid {})", runner.pid()));
+}
+
 /// Blocks SIGTERM, SIGINT and SIGHUP and returns a signalfd for them: the first asks the guest
 /// to shut down, as `vm stop` does; a second one pulls the plug.
 fn block_signals() -> Result<SignalFd, MonitorError> {
@@ -294,6 +339,7 @@ impl Monitor<'_> {
                     Token::Signal => self.on_signal(),
                     Token::Channel => self.on_runner_message(),
                     Token::Pidfd => runner_ended = true,
+                    Token::DevicePidfd(i) => self.on_device_exit(i),
                     Token::Console => {
                         if flags.intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
                             self.read_console();
@@ -329,6 +375,12 @@ impl Monitor<'_> {
         if let Some(channel) = &self.runner.channel {
             tokens.push(Token::Channel);
             fds.push(PollFd::new(channel.as_fd(), PollFlags::POLLIN));
+        }
+        for (i, device) in self.runner.devices.iter().enumerate() {
+            if device.status.is_none() {
+                tokens.push(Token::DevicePidfd(i));
+                fds.push(PollFd::new(device.pidfd.as_fd(), PollFlags::POLLIN));
+            }
         }
         let mut console_flags = PollFlags::empty();
         if !self.console.eof {
@@ -524,6 +576,28 @@ impl Monitor<'_> {
         }
     }
 
+    /// A device process of this boot ended on its own: log it; the guest runs on without it
+    /// (restarting devices is not done yet).
+    fn on_device_exit(&mut self, i: usize) {
+        let Some(device) = self.runner.devices.get_mut(i) else {
+            return;
+        };
+        let status = match device.process.wait() {
+            Ok(status) => {
+                device.status = Some(status);
+                runner::describe_status(status)
+            }
+            Err(e) => {
+                // Not reapable: stop polling it rather than spin.
+                device.status = Some(std::os::unix::process::ExitStatusExt::from_raw(0));
+                format!("status unknown ({e})")
+            }
+        };
+        let line = format!("{} (pid {}) died: {status}", device.name, device.pid());
+        tracing::warn!(device = %device.name, %status, "device process died");
+        self.log.line(&line);
+    }
+
     /// The runner's process ended: decide between booting again and ending.
     fn on_runner_exit(&mut self) -> Option<Outcome> {
         // Whatever the guest printed last still goes to the ring and the viewers, and what the
@@ -540,6 +614,8 @@ impl Monitor<'_> {
             Ok(status) => runner::describe_status(status),
             Err(e) => format!("status unknown ({e})"),
         };
+        // The boot is over: its devices go with it (the next boot has new guest RAM).
+        self.runner.stop_devices();
         self.exit_deadline = None;
         self.boot_deadline = None;
         // A runner killed on request is judged by the request, booted or not.
@@ -627,16 +703,20 @@ impl Monitor<'_> {
 
     /// Boots the guest again in place: a new runner, new guest RAM, a new console stream.
     fn reboot(&mut self) -> Option<Outcome> {
+        let disk_log_fds: Vec<_> = self.disk_logs.iter().map(AsFd::as_fd).collect();
         let ctx = BootContext {
             name: &self.cfg.name,
             runner_binary: &self.cfg.runner_binary,
             runner_log: self.runner_log.as_fd(),
+            dev_blk_binary: &self.cfg.dev_blk_binary,
+            disk_logs: &disk_log_fds,
         };
-        match runner::boot(&self.cfg.plan, &ctx) {
+        let booted = runner::boot(&self.cfg.plan, &ctx);
+        drop(disk_log_fds);
+        match booted {
             Ok(runner) => {
                 self.restarts = self.restarts.saturating_add(1);
-                self.log
-                    .line(&format!("starting vcpu-runner (pid {})", runner.pid()));
+                log_boot(self.log, &self.cfg, &runner);
                 self.runner = runner;
                 self.intent = Intent::Run;
                 self.console.eof = false;

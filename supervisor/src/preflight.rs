@@ -3,8 +3,9 @@
 //!
 //! [`plan`] turns a checked [`GuestConfig`] into a [`BootPlan`]: the loader is `linux`, the
 //! kernel exists and is a bzImage the 64-bit boot protocol can load, the initrd exists and
-//! fits in half the guest RAM, the RAM fits in the host, and every value is within the
-//! bounds of [`proto::runner::MachineConfig`].
+//! fits in half the guest RAM, the RAM fits in the host, every disk is a virtio-blk disk
+//! whose image exists (vm-bhyve creates images at `vm create`; `vm start` never does), and
+//! every value is within the bounds of [`proto::runner::MachineConfig`].
 
 #![forbid(unsafe_code)]
 
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use proto::runner::{MAX_CMDLINE_BYTES, MAX_CPUS, MIN_MEMORY_BYTES};
 
-use crate::guest_config::{GuestConfig, Loader, OnFault};
+use crate::guest_config::{DiskDev, DiskEmulation, GuestConfig, Loader, OnFault};
 
 /// Guest RAM when the config sets none (vm-bhyve's default).
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
@@ -24,6 +25,11 @@ pub const DEFAULT_STOP_TIMEOUT: u32 = 30;
 const HDRS_OFFSET: u64 = 0x202;
 /// Lowest boot protocol version accepted: 2.06 (the first with `cmdline_size`).
 const MIN_BOOT_PROTOCOL: u16 = 0x0206;
+/// The logical block size of a disk without `sectorsize=` (bhyve's default).
+pub const DEFAULT_SECTOR_SIZE: u32 = 512;
+/// Most disks of one guest, install media included (one PCI slot each after the host bridge,
+/// and [`proto::bootstrap::MAX_DEVICE_INDEX`]).
+pub const MAX_DISKS: usize = 16;
 
 /// Why a guest cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +74,34 @@ pub enum PreflightError {
     TooManyCpus { cpus: u32 },
     #[error("linux_cmdline must be printable ASCII of at most {MAX_CMDLINE_BYTES} bytes")]
     Cmdline,
+    #[error("disk{index}: {what} is not supported yet (capvm serves virtio-blk disks only)")]
+    DiskUnsupported { index: u32, what: String },
+    #[error("disk{index}: image {path} does not exist (vm create makes disk images)")]
+    DiskMissing { index: u32, path: PathBuf },
+    #[error("disk{index}: {path} is neither a regular file nor a block device")]
+    DiskNotImage { index: u32, path: PathBuf },
+    #[error("install media {0} does not exist")]
+    IsoMissing(PathBuf),
+    #[error("{0} is not a regular file")]
+    IsoNotFile(PathBuf),
+    #[error("the guest has more than {MAX_DISKS} disks")]
+    TooManyDisks,
+}
+
+/// One disk of a boot: what the supervisor opens and what it tells the disk's dev-blk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPlan {
+    /// The `N` of `diskN` (install media: the next number after the configured disks); also
+    /// the disk's order on the PCI bus.
+    pub index: u32,
+    /// The image file or block device.
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Open with `O_DIRECT` (`direct` or `nocache`).
+    pub direct: bool,
+    pub logical_block_size: u32,
+    /// The virtio-blk serial (`GET_ID`).
+    pub serial: String,
 }
 
 /// Everything a supervisor needs to boot the guest, checked.
@@ -83,6 +117,99 @@ pub struct BootPlan {
     pub on_fault: OnFault,
     /// Seconds `vm stop` waits before forcing the guest off.
     pub stop_timeout: u32,
+    /// The disks in PCI order.
+    pub disks: Vec<DiskPlan>,
+}
+
+impl BootPlan {
+    /// Attaches `iso` read-only after the configured disks (`vm install`).
+    pub fn attach_install_media(&mut self, iso: &Path) -> Result<(), PreflightError> {
+        match std::fs::metadata(iso) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(PreflightError::IsoNotFile(iso.to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(PreflightError::IsoMissing(iso.to_owned()));
+            }
+            Err(source) => {
+                return Err(PreflightError::Read {
+                    path: iso.to_owned(),
+                    source,
+                });
+            }
+        }
+        if self.disks.len() >= MAX_DISKS {
+            return Err(PreflightError::TooManyDisks);
+        }
+        let index = u32::try_from(self.disks.len()).map_err(|_| PreflightError::TooManyDisks)?;
+        self.disks.push(DiskPlan {
+            index,
+            path: iso.to_owned(),
+            read_only: true,
+            direct: false,
+            logical_block_size: DEFAULT_SECTOR_SIZE,
+            serial: serial(&self.uuid, index),
+        });
+        Ok(())
+    }
+}
+
+/// A disk's serial: the first 8 hex digits of the guest's UUID, `-d` and the disk number
+/// (`5a1c0e2f-d0`), so a guest can tell its disks apart by a stable name.
+pub fn serial(uuid: &[u8; 16], index: u32) -> String {
+    let [a, b, c, d, ..] = *uuid;
+    format!("{a:02x}{b:02x}{c:02x}{d:02x}-d{index}")
+}
+
+/// Checks each configured disk and plans it.
+fn plan_disks(
+    config: &GuestConfig,
+    guest_dir: &Path,
+    uuid: &[u8; 16],
+) -> Result<Vec<DiskPlan>, PreflightError> {
+    if config.disks.len() > MAX_DISKS {
+        return Err(PreflightError::TooManyDisks);
+    }
+    let mut disks = Vec::new();
+    for disk in &config.disks {
+        let index = disk.index;
+        let unsupported = |what: String| PreflightError::DiskUnsupported { index, what };
+        if disk.emulation != DiskEmulation::VirtioBlk {
+            let name = match disk.emulation {
+                DiskEmulation::AhciHd => "ahci-hd",
+                DiskEmulation::AhciCd => "ahci-cd",
+                DiskEmulation::Nvme => "nvme",
+                DiskEmulation::VirtioScsi => "virtio-scsi",
+                DiskEmulation::VirtioBlk => "virtio-blk",
+            };
+            return Err(unsupported(format!("disk{index}_type={name}")));
+        }
+        let path = match disk.dev {
+            DiskDev::File | DiskDev::Custom => disk.path(guest_dir),
+            DiskDev::Zvol | DiskDev::SparseZvol | DiskDev::Iscsi => None,
+        }
+        .ok_or_else(|| unsupported(format!("disk{index}_dev={}", disk.dev.name())))?;
+        match std::fs::metadata(&path) {
+            Ok(m) => {
+                use std::os::unix::fs::FileTypeExt;
+                if !m.is_file() && !m.file_type().is_block_device() {
+                    return Err(PreflightError::DiskNotImage { index, path });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(PreflightError::DiskMissing { index, path });
+            }
+            Err(source) => return Err(PreflightError::Read { path, source }),
+        }
+        disks.push(DiskPlan {
+            index,
+            path,
+            read_only: disk.opts.read_only,
+            direct: disk.opts.direct || disk.opts.nocache,
+            logical_block_size: disk.opts.sectorsize.unwrap_or(DEFAULT_SECTOR_SIZE),
+            serial: serial(uuid, index),
+        });
+    }
+    Ok(disks)
 }
 
 /// Checks `config` of the guest in `guest_dir` against the host, and plans its boot.
@@ -145,6 +272,8 @@ pub fn plan(
             });
         }
     }
+    let uuid = config.uuid.map_or([0; 16], |u| *u.as_bytes());
+    let disks = plan_disks(config, guest_dir, &uuid)?;
     Ok(BootPlan {
         cpus,
         memory_bytes,
@@ -152,9 +281,10 @@ pub fn plan(
         initrd,
         cmdline,
         utctime: config.utctime,
-        uuid: config.uuid.map_or([0; 16], |u| *u.as_bytes()),
+        uuid,
         on_fault: config.on_fault,
         stop_timeout: config.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT),
+        disks,
     })
 }
 
@@ -319,6 +449,117 @@ mod tests {
             err.to_string(),
             "loader uefi is not yet supported by vm start (only linux is)"
         );
+    }
+
+    fn disk_guest(dir: &Path, disks: &str) -> GuestConfig {
+        fake_bzimage(&dir.join("k"), 0x020f);
+        config(&format!(
+            "loader=linux\nlinux_kernel=k\nmemory=64M\nuuid=5a1c0e2f-0000-4000-8000-000000000001\n{disks}"
+        ))
+    }
+
+    #[test]
+    fn disks_are_planned_in_order_with_their_options() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.img"), [0u8; 4096]).unwrap();
+        std::fs::write(dir.path().join("b.img"), [0u8; 4096]).unwrap();
+        let c = disk_guest(
+            dir.path(),
+            "disk0_type=virtio-blk\ndisk0_name=a.img\ndisk0_opts=nocache,sectorsize=4096\ndisk1_type=virtio-blk\ndisk1_name=b.img\ndisk1_opts=ro\n",
+        );
+
+        let plan = plan(&c, dir.path(), 1 << 30).unwrap();
+
+        let got: Vec<_> = plan
+            .disks
+            .iter()
+            .map(|d| {
+                (
+                    d.index,
+                    d.read_only,
+                    d.direct,
+                    d.logical_block_size,
+                    d.serial.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, false, true, 4096, "5a1c0e2f-d0"),
+                (1, true, false, 512, "5a1c0e2f-d1")
+            ]
+        );
+        assert_eq!(plan.disks[1].path, dir.path().join("b.img"));
+    }
+
+    #[test]
+    fn a_missing_disk_image_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = disk_guest(dir.path(), "disk0_type=virtio-blk\ndisk0_name=gone.img\n");
+
+        let err = plan(&c, dir.path(), 1 << 30).unwrap_err();
+
+        assert!(
+            matches!(err, PreflightError::DiskMissing { index: 0, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("gone.img does not exist"), "{err}");
+    }
+
+    #[test]
+    fn other_disk_emulations_and_zvols_are_not_supported_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.img"), [0u8; 512]).unwrap();
+        let c = disk_guest(dir.path(), "disk0_type=ahci-hd\ndisk0_name=a.img\n");
+        let err = plan(&c, dir.path(), 1 << 30).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "disk0: disk0_type=ahci-hd is not supported yet (capvm serves virtio-blk disks only)"
+        );
+        let c = disk_guest(
+            dir.path(),
+            "disk0_type=virtio-blk\ndisk0_name=tank/g\ndisk0_dev=sparse-zvol\n",
+        );
+        let err = plan(&c, dir.path(), 1 << 30).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("disk0_dev=sparse-zvol is not supported"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_directory_is_not_a_disk_image() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d.img")).unwrap();
+        let c = disk_guest(dir.path(), "disk0_type=virtio-blk\ndisk0_name=d.img\n");
+        assert!(matches!(
+            plan(&c, dir.path(), 1 << 30),
+            Err(PreflightError::DiskNotImage { .. })
+        ));
+    }
+
+    #[test]
+    fn install_media_goes_read_only_after_the_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.img"), [0u8; 512]).unwrap();
+        std::fs::write(dir.path().join("x.iso"), [0u8; 2048]).unwrap();
+        let c = disk_guest(dir.path(), "disk0_type=virtio-blk\ndisk0_name=a.img\n");
+        let mut plan = plan(&c, dir.path(), 1 << 30).unwrap();
+
+        plan.attach_install_media(&dir.path().join("x.iso"))
+            .unwrap();
+
+        let iso = &plan.disks[1];
+        assert_eq!(
+            (iso.index, iso.read_only, iso.serial.as_str()),
+            (1, true, "5a1c0e2f-d1")
+        );
+        assert!(matches!(
+            plan.attach_install_media(&dir.path().join("nope.iso")),
+            Err(PreflightError::IsoMissing(_))
+        ));
     }
 
     #[test]

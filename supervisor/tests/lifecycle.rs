@@ -31,19 +31,19 @@ fn skip_unless_root() -> bool {
 }
 
 fn fake_runner() -> PathBuf {
+    fake_example("fake_vcpu_runner")
+}
+
+fn fake_example(name: &str) -> PathBuf {
     let vm = PathBuf::from(env!("CARGO_BIN_EXE_vm"));
-    let path = vm
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("fake_vcpu_runner");
+    let path = vm.parent().unwrap().join("examples").join(name);
     assert!(
         path.is_file(),
         "{} is missing: run `cargo test -p supervisor` (it builds the examples)",
         path.display()
     );
     // `cargo test --test lifecycle` alone does not rebuild examples: refuse a stale one.
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/fake_vcpu_runner.rs");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.rs"));
     let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).unwrap();
     assert!(
         modified(&path) >= modified(&source),
@@ -74,6 +74,7 @@ impl Env {
         let libexec = root.join("libexec");
         fs::create_dir(&libexec).unwrap();
         std::os::unix::fs::symlink(fake_runner(), libexec.join("vcpu-runner")).unwrap();
+        std::os::unix::fs::symlink(fake_example("fake_dev_blk"), libexec.join("dev-blk")).unwrap();
         fs::write(
             &conf,
             format!("vm_list=\"{vm_list}\"\nvm_delay=\"{vm_delay}\"\n"),
@@ -957,4 +958,182 @@ fn startall_and_stopall_follow_vm_list() {
     for name in ["a", "b", "c"] {
         assert_eq!(env.running_pid(name), None, "{name}");
     }
+}
+
+/// A guest with two disks: `disk0.img` (writable, 4K sectors) and `disk1.img` (`ro`), each
+/// starting with a text the fake dev-blk reports.
+fn disk_guest(env: &Env, name: &str) -> PathBuf {
+    let dir = env.guest(
+        name,
+        "uuid=\"5a1c0e2f-0000-4000-8000-000000000001\"\ncpu=2\n\
+         disk0_type=\"virtio-blk\"\ndisk0_name=\"disk0.img\"\ndisk0_opts=\"sectorsize=4096\"\n\
+         disk1_type=\"virtio-blk\"\ndisk1_name=\"disk1.img\"\ndisk1_opts=\"ro\"",
+    );
+    fs::write(dir.join("disk0.img"), b"DISK0AAA-and-more").unwrap();
+    fs::write(dir.join("disk1.img"), b"DISK1BBB-and-more").unwrap();
+    dir
+}
+
+/// (pid) of each `dev-blkN` `vm info` shows, in order.
+fn device_pids(env: &Env, name: &str) -> Vec<(String, u32)> {
+    env.processes(name)
+        .into_iter()
+        .filter(|(role, ..)| role.starts_with("dev-blk"))
+        .map(|(role, pid, _)| (role, pid))
+        .collect()
+}
+
+#[test]
+fn each_disk_gets_a_dev_blk_in_pci_order_with_its_options() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    let dir = disk_guest(&env, "g");
+
+    env.ok(&["start", "g"]);
+    let console = Session::start(env.command(&["console", "g"]));
+    console.wait_for("fake: ready");
+    let devices = device_pids(&env, "g");
+
+    let out = console.output();
+    assert!(
+        out.contains(
+            "fake: device 0: serial=5a1c0e2f-d0 ro=false bs=4096 queues=2 regions=1 writable=true head=DISK0AAA\r\n\
+             fake: device 1: serial=5a1c0e2f-d1 ro=true bs=512 queues=2 regions=1 writable=false head=DISK1BBB\r\n"
+        ),
+        "{out:?}"
+    );
+    let roles: Vec<&str> = devices.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(roles, ["dev-blk0", "dev-blk1"]);
+    assert!(devices.iter().all(|&(_, pid)| alive(pid)));
+    let log = env.log("g");
+    assert!(
+        log.contains(&format!(
+            ": starting dev-blk1 (pid {}) for {}, read-only\n",
+            devices[1].1,
+            dir.join("disk1.img").display()
+        )),
+        "{log}"
+    );
+    assert!(dir.join("dev-blk0.log").exists() && dir.join("dev-blk1.log").exists());
+    env.ok(&["poweroff", "-f", "g"]);
+    wait_until(Duration::from_secs(5), || {
+        devices.iter().all(|&(_, pid)| !alive(pid))
+    });
+}
+
+#[test]
+fn a_dead_dev_blk_is_logged_and_the_guest_runs_on_and_reboots_get_new_ones() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    disk_guest(&env, "g");
+    env.ok(&["start", "g"]);
+    let mut console = Session::start(env.command(&["console", "g"]));
+    console.wait_for("fake: ready");
+    let first = device_pids(&env, "g");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(first[1].1).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let died = format!(": dev-blk1 (pid {}) died: killed by SIGKILL\n", first[1].1);
+    wait_until(Duration::from_secs(5), || env.log("g").contains(&died));
+    assert!(env.running_pid("g").is_some());
+    assert_eq!(device_pids(&env, "g"), vec![first[0].clone()]);
+
+    console.type_text("reboot\n");
+    wait_until(Duration::from_secs(10), || {
+        console.output().matches("fake: ready").count() == 2
+    });
+    let second = device_pids(&env, "g");
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert!(
+        second
+            .iter()
+            .all(|(_, pid)| !first.iter().any(|(_, p)| p == pid))
+    );
+    wait_until(Duration::from_secs(5), || !alive(first[0].1));
+    env.ok(&["poweroff", "-f", "g"]);
+}
+
+#[test]
+fn install_attaches_the_iso_read_only_for_that_run_only() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    let dir = env.guest(
+        "g",
+        "uuid=\"5a1c0e2f-0000-4000-8000-000000000001\"\n\
+         disk0_type=\"virtio-blk\"\ndisk0_name=\"disk0.img\"",
+    );
+    fs::write(dir.join("disk0.img"), b"DISK0AAA").unwrap();
+    fs::write(env.vm_dir.join(".iso/inst.iso"), b"ISO9660X-image").unwrap();
+    let iso_line = "fake: device 1: serial=5a1c0e2f-d1 ro=true bs=512 queues=1 regions=1 writable=false head=ISO9660X";
+
+    let out = env.ok(&["install", "g", "inst.iso"]);
+    let mut console = Session::start(env.command(&["console", "g"]));
+    console.wait_for("fake: ready");
+    console.wait_for(iso_line);
+    console.type_text("reboot\n");
+    wait_until(Duration::from_secs(10), || {
+        console.output().matches(iso_line).count() == 2
+    });
+    env.ok(&["poweroff", "-f", "g"]);
+    console.wait_exit(Duration::from_secs(5));
+    env.ok(&["start", "g"]);
+    let later = Session::start(env.command(&["console", "g"]));
+    later.wait_for("fake: ready");
+
+    assert!(out.starts_with("Starting g with "), "{out}");
+    assert!(out.contains("/.iso/inst.iso attached"), "{out}");
+    assert!(
+        later.output().contains("fake: device 0: "),
+        "{:?}",
+        later.output()
+    );
+    assert!(
+        !later.output().contains("fake: device 1"),
+        "{:?}",
+        later.output()
+    );
+    assert_eq!(device_pids(&env, "g").len(), 1);
+    env.ok(&["poweroff", "-f", "g"]);
+    let err = env.fails(&["install", "g", "missing.iso"]);
+    assert!(
+        err.contains("install media") && err.contains("missing.iso does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_or_unsupported_disks_are_refused_before_anything_starts() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    env.guest(
+        "gone",
+        "disk0_type=\"virtio-blk\"\ndisk0_name=\"disk0.img\"",
+    );
+    let dir = env.guest("ahci", "disk0_type=\"ahci-hd\"\ndisk0_name=\"disk0.img\"");
+    fs::write(dir.join("disk0.img"), b"x").unwrap();
+
+    let gone = env.fails(&["start", "gone"]);
+    let ahci = env.fails(&["start", "ahci"]);
+
+    assert!(
+        gone.contains("gone: disk0: image ") && gone.contains("disk0.img does not exist"),
+        "{gone}"
+    );
+    assert!(
+        ahci.contains("disk0: disk0_type=ahci-hd is not supported yet"),
+        "{ahci}"
+    );
+    assert_nothing_started(&env, "gone");
+    assert_nothing_started(&env, "ahci");
 }

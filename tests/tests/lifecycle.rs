@@ -133,9 +133,14 @@ impl Datastore {
             .with_context(|| format!("{NAME} missing from vm list:\n{list}"))?;
         if let Some(rest) = line.split("Running (").nth(1) {
             let pid = rest.split(')').next().unwrap_or_default();
-            return Ok(Some(pid.parse().with_context(|| format!("pid in {line:?}"))?));
+            return Ok(Some(
+                pid.parse().with_context(|| format!("pid in {line:?}"))?,
+            ));
         }
-        ensure!(line.contains("Stopped"), "neither Running nor Stopped: {line:?}");
+        ensure!(
+            line.contains("Stopped"),
+            "neither Running nor Stopped: {line:?}"
+        );
         Ok(None)
     }
 
@@ -176,9 +181,10 @@ impl Datastore {
 /// A field of `/proc/PID/status`.
 fn proc_field(pid: u32, field: &str) -> Option<String> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_owned()))
+    status.lines().find_map(|l| {
+        l.strip_prefix(&format!("{field}:"))
+            .map(|v| v.trim().to_owned())
+    })
 }
 
 /// Whether `pid` is a process that has not ended (a zombie has).
@@ -203,7 +209,11 @@ fn children_named(parent: u32, comm: &str) -> Vec<u32> {
 /// The sandbox of a running child, seen from outside.
 fn assert_sandboxed(pid: u32) -> anyhow::Result<()> {
     let field = |f| proc_field(pid, f).with_context(|| format!("{f} of pid {pid}"));
-    ensure!(field("Seccomp")? == "2", "Seccomp of {pid}: {}", field("Seccomp")?);
+    ensure!(
+        field("Seccomp")? == "2",
+        "Seccomp of {pid}: {}",
+        field("Seccomp")?
+    );
     ensure!(field("NoNewPrivs")? == "1", "NoNewPrivs of {pid}");
     ensure!(
         field("CapEff")?.trim_start_matches('0').is_empty(),
@@ -311,12 +321,23 @@ fn start_and_stop() -> anyhow::Result<()> {
         booted.wall.as_secs_f64(),
         booted.ready.uptime_s
     );
-    ensure!(booted.ready.cpus == CPUS, "guest saw {} CPUs", booted.ready.cpus);
+    ensure!(
+        booted.ready.cpus == CPUS,
+        "guest saw {} CPUs",
+        booted.ready.cpus
+    );
 
     let cpus = vm.run("grep -c ^processor /proc/cpuinfo", CMD_TIMEOUT)?;
     ensure!(cpus.output.trim() == CPUS.to_string(), "cpuinfo: {cpus:?}");
-    let mem = vm.run("sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo", CMD_TIMEOUT)?;
-    let kib: u64 = mem.output.trim().parse().with_context(|| format!("MemTotal: {mem:?}"))?;
+    let mem = vm.run(
+        "sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo",
+        CMD_TIMEOUT,
+    )?;
+    let kib: u64 = mem
+        .output
+        .trim()
+        .parse()
+        .with_context(|| format!("MemTotal: {mem:?}"))?;
     let configured = u64::from(MEMORY_MIB) * 1024;
     // The kernel keeps its own image and reserved areas out of MemTotal.
     ensure!(
@@ -345,7 +366,10 @@ fn start_and_stop() -> anyhow::Result<()> {
         .and_then(|p| p.parse().ok())
         .with_context(|| format!("no Running (pid) in vm list:\n{list}"))?;
     let runners = children_named(supervisor, "vcpu-runner");
-    ensure!(runners.len() == 1, "vcpu-runners of {supervisor}: {runners:?}");
+    ensure!(
+        runners.len() == 1,
+        "vcpu-runners of {supervisor}: {runners:?}"
+    );
     for pid in &runners {
         assert_sandboxed(*pid)?;
     }
@@ -367,8 +391,8 @@ fn start_and_stop() -> anyhow::Result<()> {
         children_named(supervisor, "vcpu-runner").is_empty(),
         "vcpu-runner left behind"
     );
-    let log = fs::read_to_string(workdir.join("vms").join(NAME).join("vm-bhyve.log"))
-        .unwrap_or_default();
+    let log =
+        fs::read_to_string(workdir.join("vms").join(NAME).join("vm-bhyve.log")).unwrap_or_default();
     ensure!(!log.is_empty(), "vm-bhyve.log is empty");
     Ok(())
 }
@@ -401,7 +425,10 @@ fn guest_reboot() -> anyhow::Result<()> {
     ds.ok(&["poweroff", "-f", NAME])?;
     ds.wait_stopped(supervisor, CMD_TIMEOUT)?;
     let log = ds.log();
-    ensure!(log.to_lowercase().contains("reboot"), "vm-bhyve.log:\n{log}");
+    ensure!(
+        log.to_lowercase().contains("reboot"),
+        "vm-bhyve.log:\n{log}"
+    );
     Ok(())
 }
 
@@ -450,8 +477,12 @@ fn console_reset_poweroff() -> anyhow::Result<()> {
     stdin.flush()?;
     first
         .console
-        .wait_for(CMD_TIMEOUT, |l| (l.trim() == "echo-from-guest").then_some(()))
-        .map_err(|e| anyhow::anyhow!("agent answer not seen ({e:?}): {}", first.console.tail(10)))?;
+        .wait_for(CMD_TIMEOUT, |l| {
+            (l.trim() == "echo-from-guest").then_some(())
+        })
+        .map_err(|e| {
+            anyhow::anyhow!("agent answer not seen ({e:?}): {}", first.console.tail(10))
+        })?;
 
     ds.ok(&["reset", "-f", NAME])?;
     first.wait_ready(2, BOOT_TIMEOUT)?;
@@ -484,13 +515,21 @@ fn killed_supervisor() -> anyhow::Result<()> {
     )?;
     let deadline = Instant::now() + CMD_TIMEOUT;
     while runners.iter().any(|&p| alive(p)) {
-        ensure!(Instant::now() < deadline, "vcpu-runner outlived its supervisor");
+        ensure!(
+            Instant::now() < deadline,
+            "vcpu-runner outlived its supervisor"
+        );
         thread::sleep(Duration::from_millis(100));
     }
-    ensure!(ds.supervisor_pid()?.is_none(), "still Running after SIGKILL");
+    ensure!(
+        ds.supervisor_pid()?.is_none(),
+        "still Running after SIGKILL"
+    );
 
     ds.ok(&["start", NAME])?;
-    let again = ds.supervisor_pid()?.context("not running after the second start")?;
+    let again = ds
+        .supervisor_pid()?
+        .context("not running after the second start")?;
     let mut viewer = Viewer::attach(&ds)?;
     viewer.wait_ready(1, BOOT_TIMEOUT)?;
     ds.ok(&["poweroff", "-f", NAME])?;

@@ -61,7 +61,7 @@ pub static KEYS: &[KeySpec] = &[
     key("diskN_name", Yes, "disk image file in the guest directory (or a full path with diskN_dev=custom)", "disk0_name=\"disk0.img\""),
     key("diskN_dev", Partial, "disk backing: file (default) or custom (zvol, sparse-zvol, iscsi not supported)", "disk0_dev=\"file\""),
     key("diskN_size", Yes, "size of the image vm create makes (templates only; default 20G)", "disk0_size=\"64G\""),
-    key("diskN_opts", No, "bhyve disk options (direct, nocache, ro, sectorsize=)", "disk0_opts=\"nocache\""),
+    key("diskN_opts", Yes, "disk options: ro, direct and nocache (both open the image O_DIRECT), sectorsize=L[/P], nodelete (no effect)", "disk0_opts=\"nocache\""),
     key("diskN_slot", No, "PCI slot of the disk", "disk0_slot=4"),
     key("networkN_type", Partial, "NIC emulation: virtio-net (e1000 not supported)", "network0_type=\"virtio-net\""),
     key("networkN_switch", Yes, "virtual switch the NIC joins", "network0_switch=\"public\""),

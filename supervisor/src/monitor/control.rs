@@ -108,15 +108,25 @@ impl Monitor<'_> {
 
     fn status(&self) -> VmStatus {
         let pid = self.runner.pid();
+        let mut processes = vec![ProcessInfo {
+            role: "vcpu-runner".to_owned(),
+            pid,
+            rss_kib: runner::rss_kib(pid),
+            restarts: self.restarts,
+        }];
+        // A device that died is left out: it has no pid to show until restarts exist.
+        for device in self.runner.devices.iter().filter(|d| d.status.is_none()) {
+            processes.push(ProcessInfo {
+                role: device.name.clone(),
+                pid: device.pid(),
+                rss_kib: runner::rss_kib(device.pid()),
+                restarts: 0,
+            });
+        }
         VmStatus {
             pid: std::process::id(),
             uptime_secs: self.started_at.elapsed().as_secs(),
-            processes: vec![ProcessInfo {
-                role: "vcpu-runner".to_owned(),
-                pid,
-                rss_kib: runner::rss_kib(pid),
-                restarts: self.restarts,
-            }],
+            processes,
             vnc: None,
         }
     }

@@ -1,10 +1,10 @@
-//! One boot of the guest: the descriptors a vcpu-runner needs, the runner process, and its
-//! channel.
+//! One boot of the guest: the descriptors a vcpu-runner needs, its device processes
+//! ([`super::devices`]), the runner process, and its channel.
 //!
 //! Each boot gets everything fresh: a new guest RAM memfd (sealed against resizing, so a
 //! mapping can never be cut short under another process), `/dev/kvm`, the kernel and initrd
-//! opened read-only, and a new console socketpair. Nothing of an earlier boot survives into
-//! the next one.
+//! opened read-only, a new console socketpair, and a dev-blk per disk on the same memfd.
+//! Nothing of an earlier boot survives into the next one.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -21,6 +21,7 @@ use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
 use proto::channel::{Channel, ChannelError};
 use proto::runner::{GuestExit, MachineConfig, ToRunner};
 
+use super::devices::{self, DeviceContext, DeviceError, DeviceProcess};
 use crate::preflight::BootPlan;
 use crate::spawn::{self, SpawnError};
 use crate::vmlog;
@@ -32,8 +33,10 @@ pub const KVM_DEVICE: &str = "/dev/kvm";
 pub const KVM_DEVICE_ENV: &str = "CAPVM_KVM_DEVICE";
 /// Environment variable with the runner's `tracing` filter (default `info`).
 pub const RUNNER_LOG_ENV: &str = "CAPVM_RUNNER_LOG";
-/// The fd ceiling of the runner's sandbox.
-const RUNNER_MAX_FDS: u32 = 64;
+/// The fd ceiling of the runner's sandbox without devices.
+const RUNNER_BASE_FDS: u32 = 64;
+/// What each device adds to it: its channel and two eventfds per queue.
+const RUNNER_FDS_PER_DEVICE: u32 = 1 + 2 * proto::device::MAX_QUEUES as u32;
 
 /// Why a boot could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,8 @@ pub enum BootError {
     Console(#[source] nix::Error),
     #[error(transparent)]
     Spawn(#[from] SpawnError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("watching the vcpu-runner failed")]
     Pidfd(#[source] io::Error),
     #[error("sending the machine to the vcpu-runner failed")]
@@ -74,6 +79,10 @@ pub struct RunnerProcess {
     pub exit: Option<(GuestExit, String)>,
     /// Whether the supervisor killed it.
     pub killed: bool,
+    /// The device processes of this boot, in PCI order.
+    pub devices: Vec<DeviceProcess>,
+    /// The guest RAM memfd, kept for the devices of this boot.
+    pub memory: OwnedFd,
 }
 
 impl RunnerProcess {
@@ -95,6 +104,13 @@ impl RunnerProcess {
     pub fn reap(&mut self) -> io::Result<ExitStatus> {
         self.process.wait()
     }
+
+    /// Kills and reaps the device processes of this boot.
+    pub fn stop_devices(&mut self) {
+        for device in &mut self.devices {
+            device.stop();
+        }
+    }
 }
 
 impl Drop for RunnerProcess {
@@ -115,6 +131,9 @@ pub struct BootContext<'a> {
     pub runner_binary: &'a Path,
     /// Where the runner logs (its `tracing` output).
     pub runner_log: BorrowedFd<'a>,
+    pub dev_blk_binary: &'a Path,
+    /// One log per disk of the plan, in its order.
+    pub disk_logs: &'a [BorrowedFd<'a>],
 }
 
 /// Opens everything, starts the runner in its sandbox and sends it the machine.
@@ -139,6 +158,17 @@ pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, Boo
         .as_ref()
         .map(|path| open(path, false))
         .transpose()?;
+    let devices = devices::start_disks(
+        &plan.disks,
+        &DeviceContext {
+            vm_name: ctx.name,
+            dev_blk_binary: ctx.dev_blk_binary,
+            logs: ctx.disk_logs,
+            memory: memory.as_fd(),
+            memory_bytes: plan.memory_bytes,
+            cpus: plan.cpus,
+        },
+    )?;
     let (console, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::Stream,
@@ -160,6 +190,10 @@ pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, Boo
     }
     roles.push(FdRole::Console);
     fds.push(theirs.as_fd());
+    for end in &devices.runner_ends {
+        roles.push(FdRole::DeviceChannel);
+        fds.push(end.as_fd());
+    }
     let (uid, gid) = sandbox::nobody();
     let bootstrap = Bootstrap {
         role: Role::VcpuRunner,
@@ -167,7 +201,7 @@ pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, Boo
         sandbox: SandboxSettings {
             uid,
             gid,
-            max_fds: RUNNER_MAX_FDS,
+            max_fds: runner_max_fds(devices.runner_ends.len()),
         },
         fds: roles,
         log_filter: std::env::var(RUNNER_LOG_ENV).unwrap_or_else(|_| "info".to_owned()),
@@ -189,6 +223,8 @@ pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, Boo
         running: false,
         exit: None,
         killed: false,
+        devices: devices.processes,
+        memory,
     };
     let sent = runner
         .channel
@@ -202,6 +238,15 @@ pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, Boo
         return Err(BootError::Send(e));
     }
     Ok(runner)
+}
+
+/// The runner's fd ceiling with `devices` devices, within the sandbox's bound.
+fn runner_max_fds(devices: usize) -> u32 {
+    let devices = u32::try_from(devices).unwrap_or(u32::MAX);
+    RUNNER_FDS_PER_DEVICE
+        .saturating_mul(devices)
+        .saturating_add(RUNNER_BASE_FDS)
+        .min(proto::bootstrap::MAX_SANDBOX_FDS)
 }
 
 /// A fresh guest RAM memfd of `bytes`, sealed against shrinking, growing and further seals.
@@ -236,7 +281,7 @@ fn open(path: &Path, write: bool) -> Result<File, BootError> {
 }
 
 /// A pidfd for `pid`, readable once the process exits.
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+pub(super) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory
     // is passed.

@@ -70,7 +70,11 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let mut runs = 3usize;
-    let mut vmms = vec![Vmm::Capvm, Vmm::Qemu(Machine::Microvm), Vmm::Qemu(Machine::Q35)];
+    let mut vmms = vec![
+        Vmm::Capvm,
+        Vmm::Qemu(Machine::Microvm),
+        Vmm::Qemu(Machine::Q35),
+    ];
     let mut cpus = 2u32;
     let mut memory_mib = 512u32;
     let mut args = std::env::args().skip(1);
@@ -128,11 +132,12 @@ fn run() -> anyhow::Result<()> {
         }
     }
     println!();
-    println!("{:<14} {:>8} {:>11} {:>9}  (medians)", "vmm", "boot_s", "poweroff_s", "host_mib");
-    let medians: Vec<(Vmm, Option<Sample>)> = results
-        .iter()
-        .map(|(v, s)| (*v, median(s)))
-        .collect();
+    println!(
+        "{:<14} {:>8} {:>11} {:>9}  (medians)",
+        "vmm", "boot_s", "poweroff_s", "host_mib"
+    );
+    let medians: Vec<(Vmm, Option<Sample>)> =
+        results.iter().map(|(v, s)| (*v, median(s))).collect();
     for (vmm, m) in &medians {
         match m {
             Some(m) => println!(
@@ -241,12 +246,22 @@ fn non_guest_rss_kib(pid: u32, guest_bytes: u64) -> u64 {
     let mut guest_mapping = false;
     for line in smaps.lines() {
         if let Some(size) = line.strip_prefix("Size:") {
-            let kib: u64 = size.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
+            let kib: u64 = size
+                .trim()
+                .trim_end_matches(" kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
             guest_mapping = kib.saturating_mul(1024) >= guest_bytes / 2;
         } else if let Some(rss) = line.strip_prefix("Rss:")
             && !guest_mapping
         {
-            total += rss.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap_or(0);
+            total += rss
+                .trim()
+                .trim_end_matches(" kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
         }
     }
     total
