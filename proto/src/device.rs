@@ -93,8 +93,13 @@ impl BlockSetup {
         }
         let mut spans: Vec<(u64, u64)> = Vec::new();
         for r in &self.memory {
-            let end = r.guest_addr.checked_add(r.size).ok_or(DeviceMessageError::Memory)?;
-            r.file_offset.checked_add(r.size).ok_or(DeviceMessageError::Memory)?;
+            let end = r
+                .guest_addr
+                .checked_add(r.size)
+                .ok_or(DeviceMessageError::Memory)?;
+            r.file_offset
+                .checked_add(r.size)
+                .ok_or(DeviceMessageError::Memory)?;
             if r.size == 0 || spans.iter().any(|&(a, e)| r.guest_addr < e && a < end) {
                 return Err(DeviceMessageError::Memory);
             }
@@ -170,10 +175,14 @@ pub enum FromDevice {
     /// The last `Reset` is done.
     ResetDone,
     /// The configuration space changed to `config` (same length as in `Info`).
-    ConfigChanged { config: Vec<u8> },
+    ConfigChanged {
+        config: Vec<u8>,
+    },
     /// The device cannot go on (a broken ring, an unusable `Activate`): the runner sets
     /// `DEVICE_NEEDS_RESET` and raises the configuration interrupt.
-    NeedsReset { reason: String },
+    NeedsReset {
+        reason: String,
+    },
 }
 
 /// A device message or configuration outside its bounds.
@@ -363,9 +372,11 @@ mod tests {
             act(vec![]).validate(&info()),
             Err(DeviceMessageError::QueueCount(0))
         );
-        assert!(act(vec![queue(0, 8), queue(1, 8), queue(0, 8)])
-            .validate(&info())
-            .is_err());
+        assert!(
+            act(vec![queue(0, 8), queue(1, 8), queue(0, 8)])
+                .validate(&info())
+                .is_err()
+        );
     }
 
     #[test]

@@ -185,7 +185,12 @@ mod tests {
     ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
     ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_bindings::kvm_irqfd);
     ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_bindings::kvm_ioeventfd);
-    ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_bindings::kvm_irq_routing);
+    ioctl_iow_nr!(
+        KVM_SET_GSI_ROUTING,
+        KVMIO,
+        0x6a,
+        kvm_bindings::kvm_irq_routing
+    );
 
     #[test]
     fn seccomp_policy_names_exactly_the_kvm_ioctls() {
