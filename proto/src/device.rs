@@ -53,6 +53,33 @@ pub const MAX_MEMORY_REGIONS: usize = 8;
 /// Longest virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
 pub const MAX_BLK_SERIAL_BYTES: usize = 20;
 
+/// Where low guest RAM ends and the 32-bit MMIO hole begins (3 GiB).
+pub const RAM_LOW_END: u64 = 0xC000_0000;
+/// Where guest RAM above the hole begins (4 GiB).
+pub const RAM_HIGH_START: u64 = 1 << 32;
+
+/// The guest RAM layout of an x86 guest with `memory_bytes` of RAM, shared by the runner
+/// (which maps and registers it) and the supervisor (which tells devices): `[0, min(mem,
+/// 3 GiB))` at memfd offset 0 and, if there is more, `[4 GiB, 4 GiB + (mem − 3 GiB))` at memfd
+/// offset 3 GiB.
+pub fn guest_ram_layout(memory_bytes: u64) -> Vec<MemoryRegion> {
+    let low = memory_bytes.min(RAM_LOW_END);
+    let mut regions = vec![MemoryRegion {
+        guest_addr: 0,
+        size: low,
+        file_offset: 0,
+    }];
+    let high = memory_bytes.saturating_sub(RAM_LOW_END);
+    if high > 0 {
+        regions.push(MemoryRegion {
+            guest_addr: RAM_HIGH_START,
+            size: high,
+            file_offset: RAM_LOW_END,
+        });
+    }
+    regions
+}
+
 /// Where a piece of the guest RAM memfd sits in guest-physical memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryRegion {
@@ -389,6 +416,33 @@ mod tests {
         assert!(w(57, 4).validate(&info()).is_err());
         assert!(w(0, 0).validate(&info()).is_err());
         assert!(w(u16::MAX, 2).validate(&info()).is_err());
+    }
+
+    #[test]
+    fn small_memory_is_one_region_and_large_memory_skips_the_hole() {
+        assert_eq!(
+            guest_ram_layout(256 << 20),
+            vec![MemoryRegion {
+                guest_addr: 0,
+                size: 256 << 20,
+                file_offset: 0
+            }]
+        );
+        assert_eq!(
+            guest_ram_layout(5 << 30),
+            vec![
+                MemoryRegion {
+                    guest_addr: 0,
+                    size: 3 << 30,
+                    file_offset: 0
+                },
+                MemoryRegion {
+                    guest_addr: 4 << 30,
+                    size: 2 << 30,
+                    file_offset: 3 << 30
+                }
+            ]
+        );
     }
 
     #[test]

@@ -5,9 +5,9 @@
 #![allow(clippy::doc_markdown)] // ACPI register names (PM1a_EVT_BLK, SLP_TYP) read better bare.
 
 /// Where low RAM ends and the 32-bit MMIO hole begins (3 GiB).
-pub const MMIO_HOLE_START: u64 = 0xC000_0000;
+pub const MMIO_HOLE_START: u64 = proto::device::RAM_LOW_END;
 /// Where the hole ends and high RAM begins (4 GiB).
-pub const MMIO_HOLE_END: u64 = 1 << 32;
+pub const MMIO_HOLE_END: u64 = proto::device::RAM_HIGH_START;
 /// 32-bit PCI BARs are placed in `PCI_MMIO32_START..ECAM_START`.
 pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
 /// PCI Express enhanced configuration space (ECAM), one bus (bus 0): 1 MiB.

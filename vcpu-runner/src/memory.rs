@@ -8,7 +8,6 @@ use std::fs::File;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
 /// The guest's RAM as this process maps it.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -46,24 +45,17 @@ pub enum MemoryError {
     TooLarge(u64),
 }
 
-/// Where `memory` bytes of RAM go: `[0, min(memory, 3 GiB))` at file offset 0 and, if there is
-/// more, `[4 GiB, 4 GiB + (memory - 3 GiB))` at file offset 3 GiB.
+/// Where `memory` bytes of RAM go ([`proto::device::guest_ram_layout`], the layout the
+/// supervisor also gives the device processes).
 pub fn ram_ranges(memory: u64) -> Vec<RamRange> {
-    let low = memory.min(MMIO_HOLE_START);
-    let mut ranges = vec![RamRange {
-        guest: 0,
-        len: low,
-        file_offset: 0,
-    }];
-    let high = memory.saturating_sub(MMIO_HOLE_START);
-    if high > 0 {
-        ranges.push(RamRange {
-            guest: MMIO_HOLE_END,
-            len: high,
-            file_offset: MMIO_HOLE_START,
-        });
-    }
-    ranges
+    proto::device::guest_ram_layout(memory)
+        .into_iter()
+        .map(|r| RamRange {
+            guest: r.guest_addr,
+            len: r.size,
+            file_offset: r.file_offset,
+        })
+        .collect()
 }
 
 /// Checks that `memfd` holds exactly `memory` bytes and maps it `MAP_SHARED`.

@@ -20,7 +20,7 @@ use std::process::{Child, ExitStatus};
 
 use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
 use proto::channel::{Channel, ChannelError};
-use proto::device::{BlockSetup, DeviceSetup, MemoryRegion};
+use proto::device::{BlockSetup, DeviceSetup};
 
 use crate::preflight::DiskPlan;
 use crate::spawn::{self, SpawnError};
@@ -32,10 +32,6 @@ pub const DEVICE_LOG_ENV: &str = "CAPVM_DEVICE_LOG";
 /// The fd ceiling of a dev-blk sandbox: its five fds, two eventfds per queue, and room for
 /// the epoll and worker descriptors of its threads.
 const DEV_BLK_MAX_FDS: u32 = 128;
-/// Where guest RAM above the 32-bit hole starts, and how much RAM fits below it (the
-/// runner's layout: `vcpu-runner/src/memory.rs`).
-const MMIO_HOLE_START: u64 = 0xC000_0000;
-const MMIO_HOLE_END: u64 = 1 << 32;
 /// Most request queues of a disk ([`proto::device::MAX_QUEUES`]).
 const MAX_QUEUES: u32 = proto::device::MAX_QUEUES as u32;
 
@@ -201,7 +197,7 @@ fn start_disk(
         status: None,
     };
     let setup = DeviceSetup::Block(BlockSetup {
-        memory: memory_layout(ctx.memory_bytes),
+        memory: proto::device::guest_ram_layout(ctx.memory_bytes),
         read_only: disk.read_only,
         logical_block_size: disk.logical_block_size,
         serial: disk.serial.clone(),
@@ -232,26 +228,6 @@ fn open_disk(disk: &DiskPlan) -> Result<File, DeviceError> {
         })
 }
 
-/// Guest RAM as the runner lays it out: `[0, min(mem, 3 GiB))` at file offset 0, the rest at
-/// 4 GiB from file offset 3 GiB.
-pub fn memory_layout(memory_bytes: u64) -> Vec<MemoryRegion> {
-    let low = memory_bytes.min(MMIO_HOLE_START);
-    let mut regions = vec![MemoryRegion {
-        guest_addr: 0,
-        size: low,
-        file_offset: 0,
-    }];
-    let high = memory_bytes.saturating_sub(MMIO_HOLE_START);
-    if high > 0 {
-        regions.push(MemoryRegion {
-            guest_addr: MMIO_HOLE_END,
-            size: high,
-            file_offset: MMIO_HOLE_START,
-        });
-    }
-    regions
-}
-
 /// One request queue per vCPU, at most [`proto::device::MAX_QUEUES`].
 pub fn queue_count(cpus: u32) -> u16 {
     u16::try_from(cpus.clamp(1, MAX_QUEUES)).unwrap_or(1)
@@ -260,29 +236,6 @@ pub fn queue_count(cpus: u32) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn small_memory_is_one_region_and_large_memory_skips_the_hole() {
-        assert_eq!(
-            memory_layout(256 << 20),
-            vec![MemoryRegion {
-                guest_addr: 0,
-                size: 256 << 20,
-                file_offset: 0
-            }]
-        );
-        let regions = memory_layout(5 << 30);
-        assert_eq!(regions.len(), 2);
-        assert_eq!(regions[0].size, 3 << 30);
-        assert_eq!(
-            regions[1],
-            MemoryRegion {
-                guest_addr: 4 << 30,
-                size: 2 << 30,
-                file_offset: 3 << 30
-            }
-        );
-    }
 
     #[test]
     fn queues_follow_the_cpus_up_to_sixteen() {
