@@ -12,6 +12,7 @@
 //!   the emulated test host (`tests/testhost.sh`) on machines whose KVM cannot
 //!   run ordinary guests (PVM).
 //! - [`virtio_driver`]: a split-ring driver playing the guest for device-process tests.
+//! - [`procfs`]: capvm's processes as `/proc` shows them (children, sandbox).
 //! - [`harness`]: the runner of the e2e test binaries (skips are reported as
 //!   skips, tests that need KVM move into the test host where needed).
 //!
@@ -24,6 +25,7 @@ pub mod harness;
 pub mod kit;
 pub mod launcher;
 pub mod marker;
+pub mod procfs;
 pub mod testhost;
 pub mod testvm;
 pub mod virtio_driver;

@@ -28,6 +28,7 @@ use anyhow::{Context, ensure};
 use tests::harness::{self, E2e, Needs};
 use tests::kit::{Action, Kit, KitCmdline};
 use tests::launcher::{CapvmLauncher, GuestSpec, LaunchError, Launcher};
+use tests::procfs;
 use tests::testvm::TestVm;
 
 const BOOT_TIMEOUT: Duration = Duration::from_mins(2);
@@ -184,6 +185,27 @@ fn start(
     Ok(vm)
 }
 
+/// Guests with virtio-pci devices are not reliable inside the emulated test host: measured
+/// there (QEMU TCG emulating AMD SVM, the test host's KVM nested on it), about one boot in
+/// three to ten ended in a triple fault with nothing on the console, hung before the kit's
+/// marker, or killed the test host itself, while the same tests passed in between and guests
+/// without PCI devices (`lifecycle.rs`, `runner_boot.rs`) are steady there. QEMU's own q35
+/// guests with virtio-pci behave the same way there (`boot_reference.rs`). So these tests run
+/// where /dev/kvm runs guests directly, and inside the test host only when asked
+/// (`CAPVM_E2E_NESTED_PCI=1`); dev-blk itself is tested without KVM in `dev_blk.rs`.
+fn nested_pci_skip() -> anyhow::Result<()> {
+    if std::env::var_os("CAPVM_IN_TESTHOST").is_some()
+        && std::env::var_os("CAPVM_E2E_NESTED_PCI").is_none()
+    {
+        return Err(tests::harness::skip(
+            "virtio-pci guests under nested SVM in the emulated test host triple-fault, hang \
+             or kill it (measured); runs where /dev/kvm runs guests directly, or here with \
+             CAPVM_E2E_NESTED_PCI=1",
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `attempt` once more if its guest triple-faulted inside the emulated test host.
 ///
 /// Measured there (QEMU TCG emulating SVM, nested KVM): about one guest boot in ten with
@@ -237,61 +259,9 @@ fn run_ok(vm: &mut TestVm, command: &str) -> anyhow::Result<String> {
     Ok(out.output.trim().to_owned())
 }
 
-/// A field of `/proc/PID/status`.
-fn proc_field(pid: u32, field: &str) -> Option<String> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| {
-        l.strip_prefix(&format!("{field}:"))
-            .map(|v| v.trim().to_owned())
-    })
-}
-
-fn alive(pid: u32) -> bool {
-    proc_field(pid, "State").is_some_and(|s| !s.starts_with('Z'))
-}
-
-/// Pids of the live processes named `comm` whose parent is `parent`.
-fn children_named(parent: u32, comm: &str) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut pids: Vec<u32> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| {
-            proc_field(pid, "Name").as_deref() == Some(comm)
-                && proc_field(pid, "PPid").and_then(|p| p.parse().ok()) == Some(parent)
-                && alive(pid)
-        })
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
-/// The sandbox of a running child, seen from outside.
-fn assert_sandboxed(pid: u32) -> anyhow::Result<()> {
-    let field = |f| proc_field(pid, f).with_context(|| format!("{f} of pid {pid}"));
-    ensure!(
-        field("Seccomp")? == "2",
-        "Seccomp of {pid}: {}",
-        field("Seccomp")?
-    );
-    ensure!(field("NoNewPrivs")? == "1", "NoNewPrivs of {pid}");
-    ensure!(
-        field("CapEff")?.trim_start_matches('0').is_empty(),
-        "CapEff of {pid}: {}",
-        field("CapEff")?
-    );
-    let uid = field("Uid")?;
-    ensure!(
-        uid.split_whitespace().all(|u| u != "0"),
-        "uid of {pid}: {uid}"
-    );
-    Ok(())
-}
-
 /// The foreground supervisor's pid: the `vm` child of the fixture's `timeout`.
 fn supervisor_of(vm: &TestVm) -> anyhow::Result<u32> {
-    let found = children_named(vm.pid(), "vm");
+    let found = procfs::children_named(vm.pid(), "vm");
     found
         .first()
         .copied()
@@ -300,6 +270,7 @@ fn supervisor_of(vm: &TestVm) -> anyhow::Result<u32> {
 
 /// (a) + (c): one guest, one 4K-sector disk.
 fn read_write_sigkill() -> anyhow::Result<()> {
+    nested_pci_skip()?;
     nested_fault_retry(|| {
         let mut vm = None;
         read_write_sigkill_in(&mut vm).map_err(|e| match &vm {
@@ -375,12 +346,12 @@ fn read_write_sigkill_in(slot: &mut Option<TestVm>) -> anyhow::Result<()> {
 
     // Each dev-blk is sandboxed, and a child of the supervisor.
     let supervisor = supervisor_of(vm)?;
-    let devices = children_named(supervisor, "dev-blk");
+    let devices = procfs::children_named(supervisor, "dev-blk");
     ensure!(devices.len() == 1, "dev-blks of {supervisor}: {devices:?}");
     for &pid in &devices {
-        assert_sandboxed(pid)?;
+        procfs::assert_sandboxed(pid)?;
     }
-    let runners = children_named(supervisor, "vcpu-runner");
+    let runners = procfs::children_named(supervisor, "vcpu-runner");
 
     // (c) Through the guest's page cache, then `sync`, then SIGKILL of everything.
     run_ok(
@@ -400,7 +371,7 @@ fn read_write_sigkill_in(slot: &mut Option<TestVm>) -> anyhow::Result<()> {
         .iter()
         .chain(&devices)
         .chain(&runners)
-        .any(|&p| alive(p))
+        .any(|&p| procfs::alive(p))
     {
         ensure!(
             Instant::now() < deadline,
@@ -430,6 +401,7 @@ fn md5_hex(vm: &TestVm, bytes: &[u8]) -> anyhow::Result<String> {
 
 /// (b): vda writable and sparse, vdb `ro`.
 fn read_only_and_discard() -> anyhow::Result<()> {
+    nested_pci_skip()?;
     nested_fault_retry(|| {
         let mut vm = None;
         read_only_and_discard_in(&mut vm).map_err(|e| match &vm {

@@ -21,6 +21,7 @@ use tests::harness::{self, E2e, Needs};
 use tests::kit::{Action, Kit, KitCmdline, Then};
 use tests::launcher::{CapvmLauncher, GuestSpec, Launcher};
 use tests::marker::{self, Marker};
+use tests::procfs;
 use tests::testvm::TestVm;
 
 const BOOT_TIMEOUT: Duration = Duration::from_mins(2);
@@ -149,7 +150,7 @@ impl Datastore {
     fn wait_stopped(&self, supervisor: u32, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if !alive(supervisor) && self.supervisor_pid()?.is_none() {
+            if !procfs::alive(supervisor) && self.supervisor_pid()?.is_none() {
                 break;
             }
             ensure!(
@@ -158,7 +159,7 @@ impl Datastore {
             );
             thread::sleep(Duration::from_millis(200));
         }
-        let left = children_named(supervisor, "vcpu-runner");
+        let left = procfs::children_named(supervisor, "vcpu-runner");
         ensure!(left.is_empty(), "vcpu-runner left running: {left:?}");
         let lock = self.guest_dir().join("run.lock");
         if lock.exists() {
@@ -178,56 +179,7 @@ impl Datastore {
     }
 }
 
-/// A field of `/proc/PID/status`.
-fn proc_field(pid: u32, field: &str) -> Option<String> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| {
-        l.strip_prefix(&format!("{field}:"))
-            .map(|v| v.trim().to_owned())
-    })
-}
-
 /// Whether `pid` is a process that has not ended (a zombie has).
-fn alive(pid: u32) -> bool {
-    proc_field(pid, "State").is_some_and(|s| !s.starts_with('Z'))
-}
-
-/// Pids of the live processes named `comm` whose parent is `parent`.
-fn children_named(parent: u32, comm: &str) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| {
-            proc_field(pid, "Name").as_deref() == Some(comm)
-                && proc_field(pid, "PPid").and_then(|p| p.parse().ok()) == Some(parent)
-                && alive(pid)
-        })
-        .collect()
-}
-
-/// The sandbox of a running child, seen from outside.
-fn assert_sandboxed(pid: u32) -> anyhow::Result<()> {
-    let field = |f| proc_field(pid, f).with_context(|| format!("{f} of pid {pid}"));
-    ensure!(
-        field("Seccomp")? == "2",
-        "Seccomp of {pid}: {}",
-        field("Seccomp")?
-    );
-    ensure!(field("NoNewPrivs")? == "1", "NoNewPrivs of {pid}");
-    ensure!(
-        field("CapEff")?.trim_start_matches('0').is_empty(),
-        "CapEff of {pid}: {}",
-        field("CapEff")?
-    );
-    let uid = field("Uid")?;
-    ensure!(
-        uid.split_whitespace().all(|u| u != "0"),
-        "uid of {pid}: {uid}"
-    );
-    Ok(())
-}
-
 /// `vm console NAME` as a script would run it: stdin a pipe, output on stdout.
 struct Viewer {
     child: Child,
@@ -365,13 +317,13 @@ fn start_and_stop() -> anyhow::Result<()> {
         .and_then(|r| r.split(')').next())
         .and_then(|p| p.parse().ok())
         .with_context(|| format!("no Running (pid) in vm list:\n{list}"))?;
-    let runners = children_named(supervisor, "vcpu-runner");
+    let runners = procfs::children_named(supervisor, "vcpu-runner");
     ensure!(
         runners.len() == 1,
         "vcpu-runners of {supervisor}: {runners:?}"
     );
     for pid in &runners {
-        assert_sandboxed(*pid)?;
+        procfs::assert_sandboxed(*pid)?;
     }
 
     let stopped = Instant::now();
@@ -388,7 +340,7 @@ fn start_and_stop() -> anyhow::Result<()> {
     let list = vm_in(&["list"])?;
     ensure!(list.contains("Stopped"), "after stop:\n{list}");
     ensure!(
-        children_named(supervisor, "vcpu-runner").is_empty(),
+        procfs::children_named(supervisor, "vcpu-runner").is_empty(),
         "vcpu-runner left behind"
     );
     let log =
@@ -507,14 +459,14 @@ fn killed_supervisor() -> anyhow::Result<()> {
     let _cleanup = Cleanup(&ds);
     ds.ok(&["start", NAME])?;
     let supervisor = ds.supervisor_pid()?.context("not running after vm start")?;
-    let runners = children_named(supervisor, "vcpu-runner");
+    let runners = procfs::children_named(supervisor, "vcpu-runner");
     ensure!(runners.len() == 1, "vcpu-runners: {runners:?}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(supervisor)?),
         nix::sys::signal::Signal::SIGKILL,
     )?;
     let deadline = Instant::now() + CMD_TIMEOUT;
-    while runners.iter().any(|&p| alive(p)) {
+    while runners.iter().any(|&p| procfs::alive(p)) {
         ensure!(
             Instant::now() < deadline,
             "vcpu-runner outlived its supervisor"
