@@ -26,8 +26,14 @@ use proto::control::{ControlError, Reply, Request};
 pub const RUN_DIR: &str = "run";
 /// The control socket's name in [`RUN_DIR`].
 pub const CONTROL_SOCKET: &str = "control.sock";
-/// How long either side waits for the other's handshake or message.
+/// How long the supervisor waits for a client's handshake or request (a client that
+/// connected and says nothing must not hold the supervisor's loop).
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for the supervisor's handshake and reply. The supervisor serves
+/// its socket from the same loop that starts a rebooting guest's new runner (up to the
+/// runner's start limit), so this is longer: measured in the emulated test host, 5 s was
+/// once too short right after a `vm reset`.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest socket path used directly.
 const MAX_DIRECT_PATH: usize = 100;
 
@@ -155,7 +161,7 @@ pub fn connect_to(guest_dir: &Path) -> Result<Channel, ControlSocketError> {
         },
     })?;
     let channel = Channel::from_fd(sock);
-    channel.handshake_timeout(ChannelKind::Control, EXCHANGE_TIMEOUT)?;
+    channel.handshake_timeout(ChannelKind::Control, CLIENT_TIMEOUT)?;
     Ok(channel)
 }
 
@@ -167,7 +173,7 @@ pub fn request(
 ) -> Result<(Reply, Vec<OwnedFd>), ControlSocketError> {
     let channel = connect_to(guest_dir)?;
     channel.send(request, &[])?;
-    let received = channel.recv_timeout::<Reply>(EXCHANGE_TIMEOUT)?;
+    let received = channel.recv_timeout::<Reply>(CLIENT_TIMEOUT)?;
     received.msg.validate()?;
     match received.msg {
         Reply::Error { message } => Err(ControlSocketError::Refused(message)),
