@@ -8,7 +8,6 @@ use std::fs::File;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
-
 /// The guest's RAM as this process maps it.
 pub type GuestMem = GuestMemoryMmap<()>;
 
