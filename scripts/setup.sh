@@ -40,8 +40,16 @@ run info linux-demo
 case $(tests/testhost.sh --verdict 2>/dev/null || echo none) in
 direct) run start -f linux-demo </dev/null ;;
 testhost)
+    # The test host shares only this checkout read-write (its /tmp and /var/tmp are its own),
+    # so the guest goes into a datastore under target/ for this boot.
+    th=$PWD/target/demo-testhost
+    rm -rf "$th" && mkdir -p "$th"
+    printf 'vm_dir="%s"\n' "$th/vm" > "$th/vm.conf"
+    CAPVM_CONF="$th/vm.conf" VM_DIR="$th/vm" "$vm" init >/dev/null
+    cp -r "$guest_dir" "$th/vm/"
     echo "+ vm start -f linux-demo    (inside the test host: this host's KVM cannot run ordinary guests)"
-    CAPVM_LIBEXEC="$PWD/target/release" tests/testhost.sh "$vm" start -f linux-demo </dev/null
+    CAPVM_CONF="$th/vm.conf" CAPVM_LIBEXEC="$PWD/target/release" \
+        tests/testhost.sh "$vm" start -f linux-demo </dev/null
     ;;
 *) echo "no /dev/kvm that runs guests here: not booting linux-demo" ;;
 esac
