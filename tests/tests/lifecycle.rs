@@ -267,6 +267,18 @@ fn start_and_stop() -> anyhow::Result<()> {
     cmdline.cpus = Some(CPUS);
     let launcher = CapvmLauncher::new(NAME);
     let mut vm = TestVm::start(&launcher, &spec(&cmdline)?)?;
+    let guest_dir = vm.workdir().join("vms").join(NAME);
+    start_and_stop_with(&launcher, &mut vm).map_err(|e| {
+        let file = |n: &str| fs::read_to_string(guest_dir.join(n)).unwrap_or_default();
+        anyhow::anyhow!(
+            "{e:#}\n--- vm-bhyve.log ---\n{}\n--- vcpu-runner.log ---\n{}",
+            file("vm-bhyve.log"),
+            file("vcpu-runner.log")
+        )
+    })
+}
+
+fn start_and_stop_with(launcher: &CapvmLauncher, vm: &mut TestVm) -> anyhow::Result<()> {
     let booted = vm.wait_ready(BOOT_TIMEOUT)?;
     println!(
         "MEASURE boot vmm=capvm kernel=bzimage action=agent wall_to_ready_s={:.1} uptime_s={:.2}",
