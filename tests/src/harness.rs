@@ -50,6 +50,16 @@ pub enum Needs {
 #[error("{0}")]
 pub struct Skip(pub String);
 
+/// `target/<profile>`: where this build's binaries (`vm`, `vcpu-runner`, `dev-blk`, …) are,
+/// seen from a test executable in `target/<profile>/deps/`.
+pub fn build_dir() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(std::path::Path::parent)
+        .expect("target directory")
+        .to_owned()
+}
+
 /// `return Err(skip("why"))` reports the test as skipped.
 pub fn skip(reason: impl Into<String>) -> anyhow::Error {
     Skip(reason.into()).into()

@@ -48,14 +48,6 @@ fn skip_unless_root() -> bool {
     true
 }
 
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("target directory")
-        .to_path_buf()
-}
-
 /// A running dev-blk with a guest and a runner played by the test.
 struct Harness {
     running: Option<spawn::Running>,
@@ -104,7 +96,7 @@ fn spawn_device(
         log_filter: "debug".into(),
     };
     let running = spawn::spawn(
-        &bin_dir().join("dev-blk"),
+        &tests::harness::build_dir().join("dev-blk"),
         &boot,
         &[log_fd.as_fd(), ram.fd(), disk_fd.as_fd(), theirs.as_fd()],
     )

@@ -44,7 +44,7 @@ const MIB: u64 = 1 << 20;
 
 fn main() -> ExitCode {
     // SAFETY: single-threaded here, before the harness starts any thread.
-    unsafe { std::env::set_var("CAPVM_LIBEXEC", bin_dir()) };
+    unsafe { std::env::set_var("CAPVM_LIBEXEC", tests::harness::build_dir()) };
     let minutes = Duration::from_mins;
     harness::main(&[
         E2e {
@@ -60,15 +60,6 @@ fn main() -> ExitCode {
             run: read_only_and_discard,
         },
     ])
-}
-
-/// `target/<profile>`, where this build's `vm`, `vcpu-runner` and `dev-blk` are.
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target directory")
-        .to_owned()
 }
 
 /// A disk image to create in the guest directory: `size` bytes, sparse, with `data` written

@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ const MEMORY_MIB: u32 = 512;
 
 fn main() -> ExitCode {
     // SAFETY: single-threaded here, before the harness starts any thread.
-    unsafe { std::env::set_var("CAPVM_LIBEXEC", bin_dir()) };
+    unsafe { std::env::set_var("CAPVM_LIBEXEC", tests::harness::build_dir()) };
     let minutes = Duration::from_mins;
     harness::main(&[
         E2e {
@@ -60,16 +60,6 @@ fn main() -> ExitCode {
             run: killed_supervisor,
         },
     ])
-}
-
-/// `target/<profile>`, where this build's `vm` and `vcpu-runner` are.
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    // target/<profile>/deps/lifecycle-HASH -> target/<profile>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target directory")
-        .to_owned()
 }
 
 fn spec(cmdline: &KitCmdline) -> anyhow::Result<GuestSpec> {

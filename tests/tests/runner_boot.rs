@@ -78,11 +78,7 @@ fn runner_binary() -> PathBuf {
     if std::env::var_os(spawn::LIBEXEC_ENV).is_some() {
         return spawn::binary_path("vcpu-runner");
     }
-    let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/runner_boot-HASH -> target/<profile>
-    exe.parent()
-        .and_then(Path::parent)
-        .map_or_else(|| PathBuf::from("vcpu-runner"), |d| d.join("vcpu-runner"))
+    tests::harness::build_dir().join("vcpu-runner")
 }
 
 fn guest_memory(bytes: u64) -> anyhow::Result<OwnedFd> {

@@ -6,7 +6,6 @@
 use std::fs;
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -23,16 +22,6 @@ fn skip_unless_root() -> bool {
     }
     eprintln!("SKIP: sandbox tests need root (namespaces, uid switch)");
     true
-}
-
-/// The directory holding the workspace's binaries for this test build (`target/<profile>`).
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/sandbox-HASH -> target/<profile>
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("target directory")
-        .to_path_buf()
 }
 
 fn bootstrap(role: Role, fds: Vec<FdRole>) -> Bootstrap {
@@ -83,7 +72,7 @@ struct Expect {
 fn check_child_is_in_capability_mode(expect: &Expect) {
     let (log_read, log_write): (OwnedFd, OwnedFd) = nix::unistd::pipe().expect("pipe");
     let boot = bootstrap(expect.role, vec![FdRole::Log]);
-    let path = bin_dir().join(expect.binary);
+    let path = tests::harness::build_dir().join(expect.binary);
     let mut running = spawn::spawn(&path, &boot, &[log_write.as_fd()])
         .unwrap_or_else(|e| panic!("{}: spawn failed: {e:?}", expect.binary));
     drop(log_write);
@@ -196,7 +185,7 @@ fn a_bootstrap_for_another_role_is_refused_by_the_child() {
         return;
     }
     let boot = bootstrap(Role::DevNet { index: 0 }, vec![]);
-    let err = spawn::spawn(&bin_dir().join("dev-blk"), &boot, &[])
+    let err = spawn::spawn(&tests::harness::build_dir().join("dev-blk"), &boot, &[])
         .expect_err("dev-blk accepted a dev-net bootstrap");
     match err {
         SpawnError::ChildFailed { stage, error, .. } => {
@@ -209,7 +198,7 @@ fn a_bootstrap_for_another_role_is_refused_by_the_child() {
 
 #[test]
 fn a_child_started_without_a_bootstrap_socket_exits_with_a_clear_error() {
-    let out = Command::new(bin_dir().join("dev-blk"))
+    let out = Command::new(tests::harness::build_dir().join("dev-blk"))
         .output()
         .expect("run dev-blk");
     assert!(!out.status.success());
