@@ -97,6 +97,8 @@ pub enum FdRole {
     FirmwareVars,
     /// dev-blk's in-flight request region, which outlives a device restart.
     InflightRegion,
+    /// A `NETLINK_ROUTE` socket for `netcfg`, opened by its parent.
+    Netlink,
 }
 
 impl FdRole {
@@ -538,6 +540,7 @@ mod tests {
             FdRole::Firmware,
             FdRole::FirmwareVars,
             FdRole::InflightRegion,
+            FdRole::Netlink,
         ])
     }
 

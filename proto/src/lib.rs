@@ -6,6 +6,7 @@
 //! - [`control`]: the `vm` CLI ↔ a per-VM supervisor.
 //! - [`runner`]: the per-VM supervisor ↔ `vcpu-runner` (machine config, guest exits).
 //! - [`device`]: `vcpu-runner` ↔ a virtio device process (info, activate, reset, config).
+//! - [`netcfg`]: the supervisor or CLI ↔ `netcfg` (bridges, taps, host addresses).
 //!
 //! Types and transport only, no business logic. The crate trusts nothing it receives: every
 //! packet is checked before decoding, decoding is bounded, and each message type has a
@@ -41,6 +42,7 @@ mod bounds;
 pub mod channel;
 pub mod control;
 pub mod device;
+pub mod netcfg;
 pub mod runner;
 
 pub use channel::{
