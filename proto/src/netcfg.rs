@@ -251,7 +251,7 @@ impl NetcfgReply {
     /// Checks the bounds the parent relies on (it prints names and messages).
     pub fn validate(&self) -> Result<(), NetcfgMessageError> {
         match self {
-            NetcfgReply::Ok => Ok(()),
+            NetcfgReply::Ok | NetcfgReply::Link(None) => Ok(()),
             NetcfgReply::Tap { name } => validate_ifname(name),
             NetcfgReply::Deleted { names } => {
                 if names.len() > MAX_DELETED {
@@ -259,7 +259,6 @@ impl NetcfgReply {
                 }
                 names.iter().try_for_each(|n| validate_ifname(n))
             }
-            NetcfgReply::Link(None) => Ok(()),
             NetcfgReply::Link(Some(link)) => {
                 validate_ifname(&link.name)?;
                 if let Some(master) = &link.master {
