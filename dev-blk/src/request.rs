@@ -16,7 +16,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
-use crate::config::{MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR_SIZE};
+use crate::config::{MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
 use crate::disk::Disk;
 
 /// Most descriptors one chain may have (direct or through an indirect table); well above
@@ -240,6 +240,7 @@ fn run(req: &Request, mem: &GuestMemoryMmap, disk: &dyn Disk, ctx: &Context) -> 
 /// The byte range of a read or write: a non-empty multiple of 512 bytes inside the disk
 /// (§5.2.6.1: the device MUST fail requests beyond capacity).
 fn data_range(sector: u64, segs: &[Segment], disk_size: u64) -> Result<(u64, u64), u32> {
+    within_limits(segs, SEG_MAX, SIZE_MAX)?;
     let len = total_len(segs);
     if len == 0 || !len.is_multiple_of(SECTOR_SIZE) {
         return Err(VIRTIO_BLK_S_IOERR);
@@ -251,6 +252,17 @@ fn data_range(sector: u64, segs: &[Segment], disk_size: u64) -> Result<(u64, u64
         return Err(VIRTIO_BLK_S_IOERR);
     }
     Ok((offset, len))
+}
+
+/// Checks the limits the device offers (`seg_max`, `size_max`): a driver that sends more
+/// data segments or a longer one gets `IOERR`, so the request path never builds an I/O
+/// vector longer than the device said it would take.
+fn within_limits(segs: &[Segment], seg_max: u32, size_max: u32) -> Result<(), u32> {
+    let too_many = u32::try_from(segs.len()).map_or(true, |n| n > seg_max);
+    if too_many || segs.iter().any(|s| s.len > size_max) {
+        return Err(VIRTIO_BLK_S_IOERR);
+    }
+    Ok(())
 }
 
 /// Executes the ranges of a discard or write-zeroes request (§5.2.6: its data is an array of
@@ -624,6 +636,51 @@ mod tests {
                 .expect("parse");
             assert_eq!(f.run(&req, &ctx()).status, IOERR, "length {len}");
         }
+    }
+
+    #[test]
+    fn more_segments_than_seg_max_or_longer_than_size_max_are_io_errors() {
+        let seg = |len| Segment {
+            addr: GuestAddress(DATA),
+            len,
+        };
+        assert_eq!(within_limits(&vec![seg(512); 254], 254, 4096), Ok(()));
+        assert_eq!(
+            within_limits(&vec![seg(512); 255], 254, 4096),
+            Err(VIRTIO_BLK_S_IOERR)
+        );
+        assert_eq!(within_limits(&[seg(4096)], 254, 4096), Ok(()));
+        assert_eq!(
+            within_limits(&[seg(512), seg(4608)], 254, 4096),
+            Err(VIRTIO_BLK_S_IOERR)
+        );
+        // Through the request path: a read of SEG_MAX + 1 sectors, one descriptor each, fails
+        // and writes nothing, while SEG_MAX of them succeed.
+        let f = fixture();
+        let sectors = |n: u32| Request {
+            header: Some(Header {
+                kind: VIRTIO_BLK_T_IN,
+                sector: 0,
+            }),
+            data_out: Vec::new(),
+            data_in: (0..u64::from(n))
+                .map(|i| Segment {
+                    addr: GuestAddress(DATA + i * 512),
+                    len: 512,
+                })
+                .collect(),
+            status: GuestAddress(STATUS),
+        };
+        f.mem
+            .write_slice(&[0xee; 512], GuestAddress(DATA + u64::from(SEG_MAX) * 512))
+            .expect("poison");
+        assert_eq!(f.run(&sectors(SEG_MAX + 1), &ctx()).status, IOERR);
+        let last = f
+            .mem
+            .read_obj::<u8>(GuestAddress(DATA + u64::from(SEG_MAX) * 512))
+            .expect("read");
+        assert_eq!(last, 0xee, "a refused read wrote guest memory");
+        assert_eq!(f.run(&sectors(SEG_MAX), &ctx()).status, OK);
     }
 
     #[test]
