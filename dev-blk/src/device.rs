@@ -16,8 +16,9 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 use crate::config::{DEVICE_TYPE_BLOCK, DiskGeometry, MAX_QUEUE_SIZE, bit};
 use crate::disk::{Disk, DiskError, FileDisk};
+use crate::inflight::{InflightError, QueueLog, Region};
 use crate::pool::{Pool, PoolError};
-use crate::queue_loop::{self, QueueHandle, Shared};
+use crate::queue_loop::{self, QueueHandle, Rings, Shared};
 use crate::request::Context;
 
 /// I/O worker threads per device. Measured with `scripts/bench-blk.sh` (`O_DIRECT`, queue depth
@@ -43,6 +44,8 @@ pub enum DeviceError {
     Pool(#[from] PoolError),
     #[error("waiting on the channels failed")]
     Poll(#[source] nix::errno::Errno),
+    #[error("the in-flight region cannot be used")]
+    Inflight(#[from] InflightError),
 }
 
 /// The descriptors the device process holds.
@@ -51,6 +54,8 @@ pub struct DeviceFds {
     pub memory: OwnedFd,
     pub disk: OwnedFd,
     pub runner: Channel,
+    /// The supervisor's in-flight region; without it a restart replays nothing.
+    pub inflight: Option<OwnedFd>,
 }
 
 /// Maps `regions` of the guest RAM memfd, each at its file offset.
@@ -83,6 +88,7 @@ pub struct Device {
     disk: Arc<dyn Disk>,
     runner: Arc<Channel>,
     pool: Arc<Pool>,
+    inflight: Arc<Region>,
     queues: Vec<QueueHandle>,
 }
 
@@ -101,6 +107,10 @@ impl Device {
         setup.validate()?;
         let mem = map_memory(&fds.memory, &setup.memory)?;
         let disk = FileDisk::new(File::from(fds.disk))?;
+        let inflight = match fds.inflight {
+            Some(fd) => Region::map(fd)?,
+            None => Region::private()?,
+        };
         let geometry = DiskGeometry {
             capacity_bytes: disk.size(),
             logical_block_size: setup.logical_block_size,
@@ -122,6 +132,7 @@ impl Device {
             disk: Arc::new(disk),
             runner: Arc::new(fds.runner),
             pool: Arc::new(Pool::new(IO_THREADS)?),
+            inflight: Arc::new(inflight),
             queues: Vec::new(),
         })
     }
@@ -201,6 +212,7 @@ impl Device {
             }
             ToDevice::Reset => {
                 self.stop_queues();
+                self.inflight.deactivate_all();
                 tracing::info!("reset");
                 self.runner.send(&FromDevice::ResetDone, &[])?;
             }
@@ -253,11 +265,35 @@ impl Device {
         let event_idx = features & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut fds = fds.into_iter();
         for c in configs {
-            let queue = build_queue(c, event_idx, &self.mem)?;
+            let mut queue = build_queue(c, event_idx, &self.mem)?;
             let (Some(kick), Some(call)) = (fds.next(), fds.next()) else {
                 return Err("missing eventfds".into());
             };
-            let handle = queue_loop::start(c.index, queue, kick, call, shared.clone())
+            let log = QueueLog::new(Arc::clone(&self.inflight), c.index);
+            let replay = if let Some(resume) = log.resume(c, queue.next_used()) {
+                // A predecessor served these rings: new chains start where it stopped taking
+                // them, and what it left in flight runs first.
+                queue.set_next_avail(resume.last_avail);
+                let heads: Vec<u16> = resume.inflight.iter().map(|&(_, h)| h).collect();
+                tracing::info!(
+                    queue = c.index,
+                    last_avail = resume.last_avail,
+                    replayed = heads.len(),
+                    "resuming the queue after a restart"
+                );
+                queue_loop::replay_requests(&self.mem, c.size, c.desc, &heads)
+                    .map_err(|e| error_chain(&e))?
+            } else {
+                log.begin(c, queue.next_avail());
+                Vec::new()
+            };
+            let rings = Rings {
+                kick,
+                call,
+                log,
+                replay,
+            };
+            let handle = queue_loop::start(c.index, queue, rings, shared.clone())
                 .map_err(|e| error_chain(&e))?;
             self.queues.push(handle);
         }

@@ -23,6 +23,7 @@
 pub mod config;
 pub mod device;
 pub mod disk;
+pub mod inflight;
 pub mod pool;
 pub mod queue_loop;
 pub mod request;
@@ -48,6 +49,8 @@ pub enum RunError {
     Setup(#[source] ChannelError),
     #[error("the device failed")]
     Device(#[from] DeviceError),
+    #[error("the supervisor sent the setup of another kind of device")]
+    WrongSetup,
 }
 
 /// Runs the process: bootstrap, capability mode, device setup, then serve until the
@@ -71,12 +74,15 @@ pub fn run() -> Result<(), RunError> {
             Err(e) => tracing::warn!(error = %e, "ignoring a malformed setup message"),
         }
     };
-    let DeviceSetup::Block(setup) = setup;
+    let DeviceSetup::Block(setup) = setup else {
+        return Err(RunError::WrongSetup);
+    };
     let mut take = |role| started.take_fd(&role).ok_or(DeviceError::MissingFd(role));
     let fds = DeviceFds {
         memory: take(FdRole::GuestMemory)?,
         disk: take(FdRole::Disk)?,
         runner: Channel::from_fd(take(FdRole::DeviceChannel)?),
+        inflight: started.take_fd(&FdRole::InflightRegion),
     };
     let device = Device::new(&setup, fds)?;
     device.serve(&started.channel)?;

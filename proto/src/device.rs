@@ -43,6 +43,12 @@ use crate::bounds::{clip, is_printable_ascii};
 pub const MAX_QUEUES: u16 = 16;
 /// Largest virtio queue (split ring), a power of two.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Bytes of a dev-blk in-flight region ([`FdRole::InflightRegion`]): what the supervisor
+/// allocates per disk so that a restarted dev-blk replays the requests its predecessor had in
+/// flight (16 queues × (16 + 256) `u32` words, rounded up to pages).
+///
+/// [`FdRole::InflightRegion`]: crate::bootstrap::FdRole::InflightRegion
+pub const INFLIGHT_REGION_BYTES: usize = 20 * 4096;
 /// Largest device-specific configuration space, in bytes.
 pub const MAX_CONFIG_BYTES: usize = 256;
 /// Longest reason text, in bytes.
@@ -95,6 +101,7 @@ pub struct MemoryRegion {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceSetup {
     Block(BlockSetup),
+    Net(NetSetup),
 }
 
 /// A virtio-blk device (`diskN`).
@@ -145,6 +152,65 @@ impl BlockSetup {
         }
         Ok(())
     }
+}
+
+/// Smallest MTU a [`NetSetup`] may offer (IPv4's minimum datagram, RFC 791).
+pub const MIN_NET_MTU: u16 = 68;
+
+/// A virtio-net device (`networkN`). Its fds, in order: `Log`, `GuestMemory`, `Tap` (opened
+/// with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), `DeviceChannel`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSetup {
+    /// The guest RAM layout, at most [`MAX_MEMORY_REGIONS`] non-overlapping regions.
+    pub memory: Vec<MemoryRegion>,
+    /// The NIC's MAC address (`networkN_mac`): unicast, not all zeroes.
+    pub mac: [u8; 6],
+    /// The MTU offered with `VIRTIO_NET_F_MTU`: [`MIN_NET_MTU`]..=65535.
+    pub mtu: u16,
+    /// Receive/transmit queue pairs; 1 (multi-queue needs a control queue and a multi-queue
+    /// tap, not there yet).
+    pub queue_pairs: u16,
+}
+
+impl NetSetup {
+    /// Checks the bounds the device relies on.
+    pub fn validate(&self) -> Result<(), DeviceMessageError> {
+        validate_memory(&self.memory)?;
+        // Bit 0 of the first octet is the group bit: a NIC's own address is unicast.
+        if self.mac == [0; 6] || self.mac[0] & 1 != 0 {
+            return Err(DeviceMessageError::Mac);
+        }
+        if self.mtu < MIN_NET_MTU {
+            return Err(DeviceMessageError::Mtu(self.mtu));
+        }
+        if self.queue_pairs != 1 {
+            return Err(DeviceMessageError::QueuePairs(self.queue_pairs));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a guest RAM layout: 1..=[`MAX_MEMORY_REGIONS`] non-empty, non-overlapping regions
+/// whose guest and file ranges do not wrap.
+fn validate_memory(memory: &[MemoryRegion]) -> Result<(), DeviceMessageError> {
+    if memory.is_empty() || memory.len() > MAX_MEMORY_REGIONS {
+        return Err(DeviceMessageError::Memory);
+    }
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for r in memory {
+        let end = r
+            .guest_addr
+            .checked_add(r.size)
+            .ok_or(DeviceMessageError::Memory)?;
+        r.file_offset
+            .checked_add(r.size)
+            .ok_or(DeviceMessageError::Memory)?;
+        if r.size == 0 || spans.iter().any(|&(a, e)| r.guest_addr < e && a < end) {
+            return Err(DeviceMessageError::Memory);
+        }
+        spans.push((r.guest_addr, end));
+    }
+    Ok(())
 }
 
 /// One enabled virtqueue, as the driver set it up.
@@ -233,6 +299,12 @@ pub enum DeviceMessageError {
     BlockSize(u32),
     #[error("serial must be printable ASCII of at most {MAX_BLK_SERIAL_BYTES} bytes")]
     Serial,
+    #[error("MAC address must be unicast and not all zeroes")]
+    Mac,
+    #[error("MTU {0} is below {MIN_NET_MTU}")]
+    Mtu(u16),
+    #[error("{0} queue pairs requested; only 1 is supported")]
+    QueuePairs(u16),
 }
 
 fn check_queue_size(size: u16) -> Result<(), DeviceMessageError> {
@@ -474,6 +546,39 @@ mod tests {
         let mut b = ok;
         b.queues = 0;
         assert!(b.validate().is_err());
+    }
+
+    #[test]
+    fn net_setups_are_bounded() {
+        let ok = NetSetup {
+            memory: vec![MemoryRegion {
+                guest_addr: 0,
+                size: 1 << 30,
+                file_offset: 0,
+            }],
+            mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            mtu: 1500,
+            queue_pairs: 1,
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let mut n = ok.clone();
+        n.mac = [0; 6];
+        assert_eq!(n.validate(), Err(DeviceMessageError::Mac));
+        n.mac = [0x01, 0, 0x5e, 0, 0, 1];
+        assert_eq!(n.validate(), Err(DeviceMessageError::Mac));
+        let mut n = ok.clone();
+        n.mtu = 67;
+        assert_eq!(n.validate(), Err(DeviceMessageError::Mtu(67)));
+        n.mtu = u16::MAX;
+        assert_eq!(n.validate(), Ok(()));
+        let mut n = ok.clone();
+        n.queue_pairs = 2;
+        assert_eq!(n.validate(), Err(DeviceMessageError::QueuePairs(2)));
+        n.queue_pairs = 0;
+        assert!(n.validate().is_err());
+        let mut n = ok;
+        n.memory = vec![];
+        assert_eq!(n.validate(), Err(DeviceMessageError::Memory));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -60,6 +60,8 @@ struct Harness {
     /// What the device opens: the image, or a block device over it.
     disk_path: PathBuf,
     read_only: bool,
+    /// The in-flight region handed to every incarnation, as the supervisor keeps it.
+    inflight: Option<OwnedFd>,
 }
 
 /// Starts dev-blk on `ram` and the disk at `disk_path`, sends its setup, handshakes as the
@@ -70,6 +72,7 @@ fn spawn_device(
     read_only: bool,
     queues: u16,
     log: &tempfile::NamedTempFile,
+    inflight: Option<BorrowedFd<'_>>,
 ) -> (spawn::Running, Channel, DeviceInfo) {
     let disk_fd: File = OpenOptions::new()
         .read(true)
@@ -87,19 +90,20 @@ fn spawn_device(
             gid,
             max_fds: 64,
         },
-        fds: vec![
+        fds: [
             FdRole::Log,
             FdRole::GuestMemory,
             FdRole::Disk,
             FdRole::DeviceChannel,
-        ],
+        ]
+        .into_iter()
+        .chain(inflight.map(|_| FdRole::InflightRegion))
+        .collect(),
         log_filter: "debug".into(),
     };
-    let running = spawn::spawn(
-        &tests::harness::build_dir().join("dev-blk"),
-        &boot,
-        &[log_fd.as_fd(), ram.fd(), disk_fd.as_fd(), theirs.as_fd()],
-    )
+    let mut fds = vec![log_fd.as_fd(), ram.fd(), disk_fd.as_fd(), theirs.as_fd()];
+    fds.extend(inflight);
+    let running = spawn::spawn(&tests::harness::build_dir().join("dev-blk"), &boot, &fds)
     .expect("spawn dev-blk (run `cargo build -p dev-blk` first)");
     drop(theirs);
     let setup = DeviceSetup::Block(BlockSetup {
@@ -148,7 +152,8 @@ impl Harness {
         disk.as_file().sync_all().expect("sync image");
         let disk_path = device(disk.path());
         let log = tempfile::NamedTempFile::new().expect("log file");
-        let (running, runner, info) = spawn_device(&ram, &disk_path, read_only, queues, &log);
+        let (running, runner, info) =
+            spawn_device(&ram, &disk_path, read_only, queues, &log, None);
         let mut h = Harness {
             running: Some(running),
             runner,
@@ -159,8 +164,25 @@ impl Harness {
             queues: Vec::new(),
             disk_path,
             read_only,
+            inflight: None,
         };
         h.activate(queues, h.info.features);
+        h
+    }
+
+    /// Like [`Harness::start`], with an in-flight region (`INFLIGHT_REGION_BYTES` memfd) that
+    /// every incarnation gets, as the supervisor does.
+    fn start_with_inflight(queues: u16, disk_len: usize) -> Harness {
+        let region = nix::sys::memfd::memfd_create(c"inflight", nix::sys::memfd::MFdFlags::empty())
+            .expect("memfd");
+        let region = File::from(region);
+        region
+            .set_len(proto::device::INFLIGHT_REGION_BYTES as u64)
+            .expect("size the region");
+        let mut h = Harness::start(false, queues, disk_len);
+        h.inflight = Some(region.into());
+        // The first incarnation ran without it: start over with one that has it.
+        h.respawn();
         h
     }
 
@@ -218,8 +240,14 @@ impl Harness {
             old.process.wait().expect("reap dev-blk");
         }
         let count = u16::try_from(self.queues.len()).expect("queues");
-        let (running, runner, info) =
-            spawn_device(&self.ram, &self.disk_path, self.read_only, count, &self.log);
+        let (running, runner, info) = spawn_device(
+            &self.ram,
+            &self.disk_path,
+            self.read_only,
+            count,
+            &self.log,
+            self.inflight.as_ref().map(AsFd::as_fd),
+        );
         self.running = Some(running);
         self.runner = runner;
         self.info = info;
@@ -763,4 +791,89 @@ fn a_restarted_device_resumes_from_the_rings_in_guest_memory() {
     assert_eq!(h.ram.load_u16(h.queues[0].used + 2), 6);
     assert_eq!(h.read_back(9, 512), vec![0x99; 512]);
     assert_eq!(h.read_back(4, 512), vec![5; 512]);
+}
+
+#[test]
+fn a_device_killed_mid_queue_completes_every_request_exactly_once() {
+    // The supervisor's in-flight region lets each new incarnation replay what the killed one
+    // had taken but not completed: no request is lost, none completes twice, and the image
+    // holds every write.
+    if skip_unless_root() {
+        return;
+    }
+    const TOTAL: u64 = 3000;
+    const DEPTH: usize = 32;
+    const SECTORS: u64 = 2048;
+    let mut h = Harness::start_with_inflight(1, (SECTORS * 512) as usize);
+    h.queues[0].set_event_idx(h.info.features & EVENT_IDX != 0);
+    // Request n writes 512 bytes of (n % 251) to sector n % SECTORS (later writes win).
+    let issue = |h: &mut Harness, s: usize, n: u64| {
+        let (hdr, status, buf) = Harness::slot(0, s);
+        let mut header = T_OUT.to_le_bytes().to_vec();
+        header.extend_from_slice(&[0; 4]);
+        header.extend_from_slice(&(n % SECTORS).to_le_bytes());
+        h.ram.write(hdr, &header);
+        h.ram.write(status, &[0xee]);
+        h.ram.write(buf, &[(n % 251) as u8; 512]);
+        let bufs = [Buf::out(hdr, 16), Buf::out(buf, 512), Buf::input(status, 1)];
+        let first = u16::try_from(s * 3).expect("slot");
+        let ram = &h.ram;
+        let head = h.queues[0].add_chain_at(ram, first, &bufs);
+        h.queues[0].publish(ram, head);
+    };
+    // What each slot is doing: the request number in flight there.
+    let mut outstanding: Vec<Option<u64>> = vec![None; DEPTH];
+    let mut issued = 0u64;
+    for (s, slot) in outstanding.iter_mut().enumerate() {
+        issue(&mut h, s, issued);
+        *slot = Some(issued);
+        issued += 1;
+    }
+    h.queues[0].notify(&h.ram);
+    let kills_at = [400u64, 1300, 2200];
+    let mut kills = 0;
+    let mut done = 0u64;
+    let mut pids = vec![h.pid()];
+    while done < TOTAL {
+        let ram = &h.ram;
+        let used = h.queues[0].wait_some(ram, WAIT).unwrap_or_else(|e| {
+            panic!("stalled after {done} requests, {kills} kills: {e}; log:\n{}", h.log_text())
+        });
+        for u in used {
+            let s = u.id as usize / 3;
+            let Some(n) = outstanding.get_mut(s).and_then(Option::take) else {
+                panic!("head {} completed twice (slot {s}), after {kills} kills", u.id);
+            };
+            let (_, status, _) = Harness::slot(0, s);
+            assert_eq!(h.ram.read_u8(status), S_OK, "request {n}");
+            done += 1;
+            if issued < TOTAL {
+                issue(&mut h, s, issued);
+                outstanding[s] = Some(issued);
+                issued += 1;
+            }
+        }
+        let ram = &h.ram;
+        h.queues[0].notify(ram);
+        if kills < kills_at.len() && done >= kills_at[kills] {
+            // Requests are in flight right now: SIGKILL and a new incarnation.
+            h.respawn();
+            pids.push(h.pid());
+            kills += 1;
+        }
+    }
+    assert_eq!(kills, 3);
+    assert!(outstanding.iter().all(Option::is_none), "{outstanding:?}");
+    pids.dedup();
+    assert_eq!(pids.len(), 4, "each kill started a new process: {pids:?}");
+    // The image holds the last write to each sector.
+    let image = h.image();
+    for sector in 0..SECTORS {
+        let last = (0..TOTAL).rev().find(|n| n % SECTORS == sector);
+        let want = last.map_or_else(|| pattern(SECTORS as usize * 512)[sector as usize * 512], |n| (n % 251) as u8);
+        let got = &image[sector as usize * 512..(sector as usize + 1) * 512];
+        assert!(got.iter().all(|&b| b == want), "sector {sector}: want {want:#x}, got {:#x}", got[0]);
+    }
+    let log = h.log_text();
+    assert!(log.contains("resuming the queue after a restart"), "log:\n{log}");
 }
