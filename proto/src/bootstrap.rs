@@ -99,6 +99,9 @@ pub enum FdRole {
     InflightRegion,
     /// A `NETLINK_ROUTE` socket for `netcfg`, opened by its parent.
     Netlink,
+    /// The runner↔dev-fb channel: the bochs display's mode changes
+    /// ([`ToDisplay`](crate::display::ToDisplay)) go from the runner to dev-fb on it.
+    DisplayChannel,
 }
 
 impl FdRole {
@@ -541,6 +544,7 @@ mod tests {
             FdRole::FirmwareVars,
             FdRole::InflightRegion,
             FdRole::Netlink,
+            FdRole::DisplayChannel,
         ])
     }
 

@@ -122,23 +122,7 @@ pub struct BlockSetup {
 impl BlockSetup {
     /// Checks the bounds the device relies on.
     pub fn validate(&self) -> Result<(), DeviceMessageError> {
-        if self.memory.is_empty() || self.memory.len() > MAX_MEMORY_REGIONS {
-            return Err(DeviceMessageError::Memory);
-        }
-        let mut spans: Vec<(u64, u64)> = Vec::new();
-        for r in &self.memory {
-            let end = r
-                .guest_addr
-                .checked_add(r.size)
-                .ok_or(DeviceMessageError::Memory)?;
-            r.file_offset
-                .checked_add(r.size)
-                .ok_or(DeviceMessageError::Memory)?;
-            if r.size == 0 || spans.iter().any(|&(a, e)| r.guest_addr < e && a < end) {
-                return Err(DeviceMessageError::Memory);
-            }
-            spans.push((r.guest_addr, end));
-        }
+        validate_memory(&self.memory)?;
         if !(512..=4096).contains(&self.logical_block_size)
             || !self.logical_block_size.is_power_of_two()
         {

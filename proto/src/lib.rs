@@ -42,6 +42,7 @@ mod bounds;
 pub mod channel;
 pub mod control;
 pub mod device;
+pub mod display;
 pub mod netcfg;
 pub mod runner;
 

@@ -53,6 +53,22 @@ pub enum ToRunner {
     Boot(MachineConfig),
     /// Press the ACPI power button (`vm stop`): the guest decides what to do with it.
     PowerButton,
+    /// Device `index` (its position among the runner's `DeviceChannel`s, which is its PCI
+    /// order) was restarted after its process died: the attached fd is the runner's end of the
+    /// new process's channel. The runner handshakes, waits for its `Info` and sends it the
+    /// device's last `Activate` again (same rings, same eventfds).
+    ReplaceDevice { index: u16 },
+    /// Device `index` died too often and will not be restarted: the runner marks it failed
+    /// (`DEVICE_NEEDS_RESET` and a configuration interrupt), so the driver sees it broken
+    /// rather than waiting for ever.
+    DeviceFailed { index: u16 },
+}
+
+impl ToRunner {
+    /// How many fds must come with the message.
+    pub fn fd_count(&self) -> usize {
+        usize::from(matches!(self, ToRunner::ReplaceDevice { .. }))
+    }
 }
 
 /// Why a guest ended.
