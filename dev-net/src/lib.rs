@@ -1,11 +1,42 @@
-//! `dev-net`: serves one virtio-net NIC.
+//! `dev-net`: serves one virtio-net NIC (virtio 1.2 §5.1) to one guest over one tap.
 //!
-//! Started by the per-VM supervisor with its bootstrap channel on fd 3; it will hold
-//! the guest RAM memfd and one tap descriptor. So far the process takes its bootstrap, enters capability mode
-//! (`child::start`, with this crate's `seccomp.policy`) and waits until the supervisor closes
-//! the channel; the device model itself comes with a later change.
+//! Started by the per-VM supervisor with its bootstrap channel on fd 3. It receives its log,
+//! the guest RAM memfd, one tap descriptor (opened by netcfg with `IFF_TAP | IFF_NO_PI |
+//! IFF_VNET_HDR`) and its channel to the vcpu-runner, enters capability mode (`child::start`,
+//! with this crate's `seccomp.policy`), then reads a [`proto::device::DeviceSetup::Net`] on the
+//! bootstrap channel and serves the runner: one receive and one transmit queue, `MRG_RXBUF`,
+//! checksum and TSO offloads through the tap's virtio header (`TUNSETVNETHDRSZ`,
+//! `TUNSETOFFLOAD`), `EVENT_IDX`, the link status in the configuration space.
 //!
-//! Trusts: its supervisor, for the bootstrap. Touches: only the descriptors it was given.
+//! Layout:
+//! - [`header`]: the pure `virtio_net_hdr_v1` codec and the checks of a transmitted header.
+//! - [`ring`]: popping and checking descriptor chains; the used ring with batched publishing.
+//! - [`rx`]: one frame from the tap into the receive buffers (`MRG_RXBUF`).
+//! - [`tx`]: one transmit chain → a checked header and the frame's guest buffers.
+//! - [`tap`]: the tap descriptor (ioctls, non-blocking read, `writev`).
+//! - [`config`]: feature bits, the configuration space, the tap offloads.
+//! - [`device`]: the event loop and the control side (`Info`, `Activate`, `Reset`).
+//!
+//! Trusts: its supervisor, for the bootstrap and setup (still validated), and the kernel's tap
+//! for the frames it hands over. Does not trust the runner's messages beyond their validated
+//! bounds, nor anything in guest memory: a bad frame or chain is dropped and counted, a broken
+//! ring asks for a reset; neither stops the process.
+//! Touches: only the descriptors it was given; guest memory only through `vm-memory`'s
+//! bounds-checked slices.
+
+pub mod config;
+pub mod device;
+pub mod header;
+pub mod ring;
+pub mod rx;
+pub mod tap;
+pub mod tx;
+
+use proto::bootstrap::FdRole;
+use proto::channel::{Channel, ChannelError};
+use proto::device::DeviceSetup;
+
+pub use device::{Device, DeviceError, DeviceFds};
 
 /// This process's seccomp policy, on top of the sandbox's base policy.
 pub const SECCOMP_POLICY: &str = include_str!("../seccomp.policy");
@@ -13,11 +44,61 @@ pub const SECCOMP_POLICY: &str = include_str!("../seccomp.policy");
 /// The role name this binary answers to.
 pub const ROLE: &str = "dev-net";
 
-/// Runs the process: bootstrap, capability mode, then serve until the supervisor hangs up.
-pub fn run() -> Result<(), child::StartError> {
-    child::start_and_wait(child::ChildKind {
+/// Why the process stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Start(#[from] child::StartError),
+    #[error("reading the device setup failed")]
+    Setup(#[source] ChannelError),
+    #[error("the setup is for another kind of device")]
+    WrongSetup,
+    #[error("the device failed")]
+    Device(#[from] DeviceError),
+}
+
+/// Runs the process: bootstrap, capability mode, device setup, then serve until the
+/// supervisor or the runner hangs up.
+pub fn run() -> Result<(), RunError> {
+    let mut started = child::start(child::ChildKind {
         role_name: ROLE,
         policy: SECCOMP_POLICY,
         threads: false,
-    })
+    })?;
+    let setup = loop {
+        match started.channel.recv::<DeviceSetup>() {
+            Ok(received) => break received.msg,
+            Err(ChannelError::Closed) => {
+                tracing::info!("supervisor closed the channel before the setup; exiting");
+                return Ok(());
+            }
+            Err(e @ (ChannelError::Recv(_) | ChannelError::Send(_))) => {
+                return Err(RunError::Setup(e));
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring a malformed setup message"),
+        }
+    };
+    let DeviceSetup::Net(setup) = setup else {
+        return Err(RunError::WrongSetup);
+    };
+    let mut take = |role| started.take_fd(&role).ok_or(DeviceError::MissingFd(role));
+    let fds = DeviceFds {
+        memory: take(FdRole::GuestMemory)?,
+        tap: take(FdRole::Tap)?,
+        runner: Channel::from_fd(take(FdRole::DeviceChannel)?),
+    };
+    let device = Device::new(&setup, fds)?;
+    device.serve(&started.channel)?;
+    Ok(())
+}
+
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
 }
