@@ -1,0 +1,495 @@
+//! The VNC server's event loop: one thread, `poll(2)` over the control channel, the listening
+//! socket and every client, all non-blocking.
+//!
+//! Why one thread: all clients read the same framebuffer and share one change scan, the work
+//! per client is small next to the scan, and a single thread needs no locks and no `clone` in
+//! the seccomp policy. No client can stall the loop: sockets are non-blocking, each client's
+//! queued output is bounded ([`Server::queue_limit`]; a client whose queue overflows is
+//! dropped), reads per wake-up are bounded, and a client that never finishes its handshake is
+//! dropped after [`HANDSHAKE_TIMEOUT`].
+//!
+//! Scanning: while at least one client waits for an incremental update the framebuffer's tiles
+//! are hashed every [`SCAN_FAST`] (30 Hz) after a change or input, easing to [`SCAN_SLOW`] after
+//! a quiet second; with no client, or none waiting, `poll` sleeps without a timeout, so an idle
+//! display costs no CPU.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use proto::channel::{Channel, ChannelError};
+use proto::display::{DisplaySetup, Mode, SharePolicy, ToDisplay};
+
+use crate::framebuffer::{FrameSource, Screen, TileGrid};
+use crate::input::InputSink;
+use crate::message::MAX_BUFFERED_MESSAGE;
+use crate::session::{Context, Event, Session};
+
+/// Most clients at once; more connections are accepted and closed at once.
+pub const MAX_CLIENTS: usize = 16;
+/// How long a client may take from connecting to finishing its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Scan interval after a recent change or input.
+pub const SCAN_FAST: Duration = Duration::from_millis(33);
+/// Scan interval once the screen has been quiet for [`QUIET_AFTER`].
+pub const SCAN_SLOW: Duration = Duration::from_millis(200);
+/// How long after a change or input the fast rate holds.
+pub const QUIET_AFTER: Duration = Duration::from_secs(1);
+/// Bytes read from one client per wake-up, so a flooding client cannot starve the others.
+const READ_BUDGET: usize = 64 * 1024;
+/// Buffer capacity a client keeps between updates.
+const IDLE_BUFFER: usize = 64 * 1024;
+/// Output a client may have queued beyond two whole frames before it is dropped.
+const QUEUE_SLACK: usize = 4 << 20;
+
+/// Why the server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("polling failed")]
+    Poll(#[source] nix::Error),
+    #[error("the control channel failed")]
+    Control(#[source] ChannelError),
+}
+
+/// One connected client.
+#[derive(Debug)]
+struct Client {
+    stream: TcpStream,
+    peer: SocketAddr,
+    session: Session,
+    inbuf: Vec<u8>,
+    /// Bytes of `session.out` already written.
+    written: usize,
+    /// When the handshake must be done by.
+    deadline: Option<Instant>,
+    /// Set when the client is to be dropped, with the reason.
+    closing: Option<String>,
+}
+
+impl Client {
+    fn queued(&self) -> usize {
+        self.session.out.len().saturating_sub(self.written)
+    }
+
+    fn close(&mut self, reason: impl Into<String>) {
+        if self.closing.is_none() {
+            self.closing = Some(reason.into());
+        }
+    }
+
+    /// Writes queued output until the socket would block.
+    fn flush(&mut self) {
+        while self.queued() > 0 && self.closing.is_none() {
+            let pending = self.session.out.get(self.written..).unwrap_or_default();
+            match self.stream.write(pending) {
+                Ok(0) => self.close("connection closed"),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => self.close(format!("write failed: {e}")),
+            }
+        }
+        if self.queued() == 0 {
+            self.session.out.clear();
+            // A full frame can leave megabytes of capacity behind; an idle client keeps little.
+            self.session.out.shrink_to(IDLE_BUFFER);
+            self.written = 0;
+        }
+    }
+}
+
+/// The VNC server over one framebuffer.
+pub struct Server<'a, S: InputSink> {
+    fb: &'a dyn FrameSource,
+    setup: DisplaySetup,
+    name: String,
+    mode: Mode,
+    listener: TcpListener,
+    clients: Vec<Client>,
+    grid: TileGrid,
+    input: S,
+    next_scan: Instant,
+    fast_until: Instant,
+}
+
+impl<S: InputSink> std::fmt::Debug for Server<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("name", &self.name)
+            .field("mode", &self.mode)
+            .field("clients", &self.clients.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, S: InputSink> Server<'a, S> {
+    /// A server for the validated `setup`, reading pixels from `fb` (at least
+    /// `setup.framebuffer_bytes` long) and accepting on `listener`.
+    pub fn new(
+        fb: &'a dyn FrameSource,
+        setup: DisplaySetup,
+        name: String,
+        listener: TcpListener,
+        input: S,
+    ) -> Server<'a, S> {
+        let now = Instant::now();
+        Server {
+            fb,
+            mode: setup.initial_mode(),
+            setup,
+            name,
+            listener,
+            clients: Vec::new(),
+            grid: TileGrid::new(),
+            input,
+            next_scan: now,
+            fast_until: now,
+        }
+    }
+
+    /// The input sink (for tests and the virtio-input devices).
+    pub fn input(&mut self) -> &mut S {
+        &mut self.input
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Most bytes one client may have queued: two raw frames of the largest mode at 32 bpp,
+    /// plus slack for pseudo-rectangles and compression overhead.
+    pub fn queue_limit(&self) -> usize {
+        let frame = u64::from(self.setup.max_width) * u64::from(self.setup.max_height) * 4;
+        usize::try_from(frame.saturating_mul(2))
+            .unwrap_or(usize::MAX)
+            .saturating_add(QUEUE_SLACK)
+    }
+
+    /// Applies a new mode from the guest if it fits; clients are told with their next update.
+    pub fn set_mode(&mut self, mode: Mode) {
+        if let Err(e) = self.setup.check_mode(&mode) {
+            tracing::warn!(error = %e, "refusing a display mode");
+            return;
+        }
+        tracing::info!(
+            width = mode.width,
+            height = mode.height,
+            bpp = mode.bpp,
+            "display mode"
+        );
+        self.mode = mode;
+        self.grid.reset();
+        let size = self.size();
+        for c in &mut self.clients {
+            c.session.mode_changed(size);
+        }
+    }
+
+    fn size(&self) -> (u16, u16) {
+        (
+            u16::try_from(self.mode.width).unwrap_or(u16::MAX),
+            u16::try_from(self.mode.height).unwrap_or(u16::MAX),
+        )
+    }
+
+    /// Serves until `control` is closed by its peer.
+    pub fn serve(&mut self, control: &Channel) -> Result<(), ServerError> {
+        if let Err(e) = self.listener.set_nonblocking(true) {
+            tracing::warn!(error = %e, "could not make the listener non-blocking");
+        }
+        loop {
+            let timeout = self.poll_timeout(Instant::now());
+            let (control_ready, listener_ready, ready) = {
+                let mut fds = Vec::with_capacity(self.clients.len() + 2);
+                fds.push(PollFd::new(control.as_fd(), PollFlags::POLLIN));
+                fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
+                for c in &self.clients {
+                    let mut ev = PollFlags::POLLIN;
+                    if c.queued() > 0 {
+                        ev |= PollFlags::POLLOUT;
+                    }
+                    fds.push(PollFd::new(c.stream.as_fd(), ev));
+                }
+                match poll(&mut fds, timeout) {
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(ServerError::Poll(e)),
+                }
+                let rev = |f: &PollFd<'_>| f.revents().unwrap_or(PollFlags::empty());
+                let mut it = fds.iter().map(rev);
+                let control_ready = it.next().unwrap_or(PollFlags::empty());
+                let listener_ready = it.next().unwrap_or(PollFlags::empty());
+                (control_ready, listener_ready, it.collect::<Vec<_>>())
+            };
+            if !control_ready.is_empty() && !self.control(control)? {
+                tracing::info!("supervisor closed the channel; exiting");
+                return Ok(());
+            }
+            if !listener_ready.is_empty() {
+                self.accept();
+            }
+            let mut events = Vec::new();
+            for (i, rev) in ready.into_iter().enumerate() {
+                self.service(i, rev, &mut events);
+            }
+            self.handle_events(&events);
+            self.updates(Instant::now());
+            self.reap();
+        }
+    }
+
+    /// Reads one control message; `false` when the peer hung up.
+    fn control(&mut self, control: &Channel) -> Result<bool, ServerError> {
+        match control.recv::<ToDisplay>() {
+            Ok(received) => match received.msg {
+                ToDisplay::SetMode(mode) => self.set_mode(mode),
+            },
+            Err(ChannelError::Closed) => return Ok(false),
+            Err(e @ (ChannelError::Recv(_) | ChannelError::Send(_))) => {
+                return Err(ServerError::Control(e));
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring a malformed control message"),
+        }
+        Ok(true)
+    }
+
+    /// How long `poll` may sleep: until the next scan if a client waits for an update, the
+    /// nearest handshake deadline, or forever.
+    fn poll_timeout(&self, now: Instant) -> PollTimeout {
+        let mut wake: Option<Instant> = None;
+        let mut earliest = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
+        for c in &self.clients {
+            if c.session.update_due_now() && c.queued() < self.queue_limit() {
+                earliest(now);
+            } else if c.session.wants_update() {
+                earliest(self.next_scan);
+            }
+            if let Some(d) = c.deadline {
+                earliest(d);
+            }
+        }
+        match wake {
+            None => PollTimeout::NONE,
+            Some(t) => {
+                let ms = t.saturating_duration_since(now).as_millis();
+                // Round up so that a wake-up is never early by a fraction of a millisecond.
+                let ms = u16::try_from(ms.saturating_add(1)).unwrap_or(u16::MAX);
+                PollTimeout::from(ms)
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    if self.clients.len() >= MAX_CLIENTS {
+                        tracing::warn!(%peer, "too many VNC clients; refusing one");
+                        continue;
+                    }
+                    if let Err(e) = stream.set_nonblocking(true) {
+                        tracing::warn!(%peer, error = %e, "could not make a client non-blocking");
+                        continue;
+                    }
+                    // Small updates (a cursor's worth) should not wait for Nagle.
+                    let _ = stream.set_nodelay(true);
+                    tracing::info!(%peer, "VNC client connected");
+                    let mut client = Client {
+                        stream,
+                        peer,
+                        session: Session::new(),
+                        inbuf: Vec::new(),
+                        written: 0,
+                        deadline: Instant::now().checked_add(HANDSHAKE_TIMEOUT),
+                        closing: None,
+                    };
+                    client.flush();
+                    self.clients.push(client);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // ECONNABORTED, EMFILE and the like: this connection is lost, not the server.
+                    tracing::warn!(error = %e, "accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles poll results for client `i`.
+    fn service(&mut self, i: usize, rev: PollFlags, events: &mut Vec<Event>) {
+        let size = self.size();
+        let Some(c) = self.clients.get_mut(i) else {
+            return;
+        };
+        if rev.intersects(PollFlags::POLLOUT) {
+            c.flush();
+        }
+        if rev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+            let mut ctx = Context {
+                password: self.setup.password.as_deref().map(str::as_bytes),
+                name: &self.name,
+                size,
+                input: &mut self.input,
+            };
+            let mut client_events = Vec::new();
+            read_client(c, &mut ctx, &mut client_events);
+            events.extend_from_slice(&client_events);
+            if client_events.contains(&Event::WantsExclusive)
+                && self.setup.share == SharePolicy::AllowExclusive
+            {
+                let peer = c.peer;
+                for (j, other) in self.clients.iter_mut().enumerate() {
+                    if j != i {
+                        other.close(format!("{peer} asked for exclusive access"));
+                    }
+                }
+            }
+            if let Some(c) = self.clients.get_mut(i) {
+                c.flush();
+                if c.session.is_ready() {
+                    c.deadline = None;
+                }
+            }
+        }
+    }
+
+    fn handle_events(&mut self, events: &[Event]) {
+        if events.contains(&Event::Input) {
+            self.fast_until = Instant::now() + QUIET_AFTER;
+        }
+    }
+
+    /// Scans the framebuffer if due and sends the updates clients are owed.
+    fn updates(&mut self, now: Instant) {
+        let limit = self.queue_limit();
+        let waiting = self
+            .clients
+            .iter()
+            .any(|c| c.closing.is_none() && c.session.wants_update());
+        if !waiting {
+            return;
+        }
+        let Some(screen) = Screen::new(self.fb, self.mode) else {
+            tracing::error!(mode = ?self.mode, "the display mode does not fit the framebuffer");
+            return;
+        };
+        // Scan before any update goes out, not only on the clock: an update reads the live
+        // framebuffer, so the shadow must be at least as new as what the client is sent, or a
+        // later change back to the shadow's picture would go unseen.
+        let sending = self
+            .clients
+            .iter()
+            .any(|c| c.closing.is_none() && c.session.update_due_now());
+        if now >= self.next_scan || sending {
+            let changed = self.grid.scan(&screen);
+            if changed.iter().any(Option::is_some) {
+                self.fast_until = now + QUIET_AFTER;
+            }
+            let (cols, rows) = self.grid.dims();
+            for c in &mut self.clients {
+                c.session.mark_changed(&changed, cols, rows);
+            }
+            let interval = if now < self.fast_until {
+                SCAN_FAST
+            } else {
+                SCAN_SLOW
+            };
+            self.next_scan = now + interval;
+        }
+        let tiles = self.grid.dims();
+        for c in &mut self.clients {
+            if c.closing.is_some() || !c.session.wants_update() {
+                continue;
+            }
+            match c.session.update(&screen, tiles) {
+                Ok(false) => {}
+                Ok(true) => {
+                    if c.queued() > limit {
+                        let queued = c.queued();
+                        c.close(format!(
+                            "output queue full ({queued} bytes): the client is not reading"
+                        ));
+                    } else {
+                        c.flush();
+                    }
+                }
+                Err(e) => c.close(format!("update failed: {e}")),
+            }
+        }
+    }
+
+    /// Drops clients that are closing or past their handshake deadline.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        for c in &mut self.clients {
+            if c.deadline.is_some_and(|d| now >= d) {
+                c.close("handshake timed out");
+            }
+        }
+        self.clients.retain_mut(|c| match &c.closing {
+            None => true,
+            Some(reason) => {
+                // One last try to deliver a refusal reason already queued.
+                let pending = c.session.out.get(c.written..).unwrap_or_default();
+                if !pending.is_empty() && pending.len() < 4096 {
+                    let _ = c.stream.write(pending);
+                }
+                tracing::info!(peer = %c.peer, %reason, "VNC client disconnected");
+                false
+            }
+        });
+    }
+}
+
+/// Reads what the client sent (at most [`READ_BUDGET`]) and runs it through its session.
+fn read_client(c: &mut Client, ctx: &mut Context<'_>, events: &mut Vec<Event>) {
+    let mut chunk = [0u8; 16 * 1024];
+    let mut budget = READ_BUDGET;
+    while budget > 0 && c.closing.is_none() {
+        let n = match c.stream.read(&mut chunk) {
+            Ok(0) => {
+                c.close("client hung up");
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => {
+                c.close(format!("read failed: {e}"));
+                return;
+            }
+        };
+        budget = budget.saturating_sub(n);
+        c.inbuf
+            .extend_from_slice(chunk.get(..n).unwrap_or_default());
+        match c.session.receive(&c.inbuf, ctx, events) {
+            Ok(used) => {
+                c.inbuf.drain(..used.min(c.inbuf.len()));
+                // Every message that must be whole fits MAX_BUFFERED_MESSAGE; anything longer
+                // that the session did not consume is not RFB.
+                if c.inbuf.len() > MAX_BUFFERED_MESSAGE {
+                    c.close("message too long");
+                }
+            }
+            Err(e) => {
+                c.close(format!("protocol error: {}", error_chain(&e)));
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

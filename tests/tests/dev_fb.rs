@@ -1,0 +1,746 @@
+//! dev-fb, the real sandboxed binary, started the way the supervisor starts it, with a
+//! framebuffer file the test paints and a listener on 127.0.0.1:0, driven by the test RFB
+//! client (`tests::rfb_client`): each RFB version, VNC Authentication, pixel formats and
+//! encodings read back pixel by pixel, incremental updates, several clients, a client that
+//! stops reading, hostile input, mode changes, input translation, idle CPU and the sandbox.
+//!
+//! Needs root (the sandbox unshares namespaces and switches uid); skips with a reason
+//! otherwise. Build the binary first: `cargo build -p dev-fb` (it is looked up beside this
+//! test's `target/<profile>`).
+
+// Test colours and rectangles are built from small loop counters and screen sizes; the casts
+// to bytes and u16 cannot truncate.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
+use proto::display::{DisplaySetup, Mode, SharePolicy, ToDisplay};
+use supervisor::spawn;
+use tests::rfb_client::{
+    DESKTOP_SIZE, EXTENDED_DESKTOP_SIZE, Format, QEMU_EXTENDED_KEY, RAW, Refused, RfbClient,
+    Security, ZLIB, ZRLE,
+};
+
+const V33: &[u8; 12] = b"RFB 003.003\n";
+const V37: &[u8; 12] = b"RFB 003.007\n";
+const V38: &[u8; 12] = b"RFB 003.008\n";
+const WIDTH: u32 = 640;
+const HEIGHT: u32 = 480;
+const BACKGROUND: [u8; 3] = [0x20, 0x40, 0x60];
+
+fn skip_unless_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return false;
+    }
+    eprintln!("SKIP: dev-fb tests need root (the sandbox unshares namespaces, switches uid)");
+    true
+}
+
+/// A running dev-fb over a framebuffer file the test paints.
+struct Display {
+    running: Option<spawn::Running>,
+    addr: SocketAddr,
+    fb: File,
+    stride: u32,
+    log: tempfile::NamedTempFile,
+}
+
+struct Options {
+    width: u32,
+    height: u32,
+    max: (u32, u32),
+    password: Option<&'static str>,
+    share: SharePolicy,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            width: WIDTH,
+            height: HEIGHT,
+            max: (1024, 768),
+            password: None,
+            share: SharePolicy::AllowExclusive,
+        }
+    }
+}
+
+impl Display {
+    fn start(opts: &Options) -> Display {
+        let dir = if std::path::Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/tmp"
+        };
+        let fb_bytes = u64::from(opts.max.0) * u64::from(opts.max.1) * 4;
+        let fb = tempfile::tempfile_in(dir).expect("framebuffer file");
+        fb.set_len(fb_bytes).expect("size framebuffer");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let addr = listener.local_addr().expect("listener address");
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let log_fd = log.reopen().expect("log fd");
+        let (uid, gid) = sandbox::nobody();
+        let boot = Bootstrap {
+            role: Role::DevFb,
+            vm_name: "fb-test-guest".into(),
+            sandbox: SandboxSettings {
+                uid,
+                gid,
+                max_fds: 64,
+            },
+            fds: vec![FdRole::Log, FdRole::Framebuffer, FdRole::VncListener],
+            log_filter: "debug,dev_fb::input=trace".into(),
+        };
+        let running = spawn::spawn(
+            &tests::harness::build_dir().join("dev-fb"),
+            &boot,
+            &[log_fd.as_fd(), fb.as_fd(), listener.as_fd()],
+        )
+        .expect("spawn dev-fb (run `cargo build -p dev-fb` first)");
+        drop(listener);
+        let setup = DisplaySetup {
+            width: opts.width,
+            height: opts.height,
+            max_width: opts.max.0,
+            max_height: opts.max.1,
+            framebuffer_bytes: fb_bytes,
+            password: opts.password.map(String::from),
+            share: opts.share,
+        };
+        running.channel.send(&setup, &[]).expect("send setup");
+        let d = Display {
+            running: Some(running),
+            addr,
+            fb,
+            stride: opts.width * 4,
+            log,
+        };
+        d.paint(0, 0, opts.width, opts.height, BACKGROUND);
+        d
+    }
+
+    fn pid(&self) -> u32 {
+        self.running.as_ref().expect("running").process.id()
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Fills a rectangle with one XRGB8888 colour, as the guest would.
+    fn paint(&self, x: u32, y: u32, w: u32, h: u32, rgb: [u8; 3]) {
+        let px = [rgb[2], rgb[1], rgb[0], 0];
+        let row: Vec<u8> = px.iter().copied().cycle().take(w as usize * 4).collect();
+        for yy in y..y + h {
+            let off = u64::from(yy) * u64::from(self.stride) + u64::from(x) * 4;
+            self.fb.write_all_at(&row, off).expect("paint framebuffer");
+        }
+    }
+
+    fn connect(&self) -> RfbClient {
+        RfbClient::connect(self.addr, V38, &Security::None, true).expect("connect")
+    }
+
+    /// Waits until the log contains `needle`.
+    fn wait_log(&self, needle: &str) -> bool {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Checks that dev-fb still runs and serves a new client.
+    fn assert_serves(&self) {
+        let mut c = self.connect();
+        c.request_all(false).expect("request");
+        let rects = c.read_update().expect("update for a fresh client");
+        assert!(!rects.is_empty());
+    }
+}
+
+impl Drop for Display {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.running.take() {
+            drop(r.channel);
+            let end = Instant::now() + Duration::from_secs(5);
+            loop {
+                match r.process.try_wait() {
+                    Ok(Some(_)) => break,
+                    _ if Instant::now() > end => {
+                        let _ = r.process.kill();
+                        let _ = r.process.wait();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+}
+
+/// Asserts that every pixel of the client's picture inside `rect` is `inside` and a probe
+/// outside it is `outside`.
+fn assert_rect(
+    client: &RfbClient,
+    (x, y, width, height): (u16, u16, u16, u16),
+    inside: u32,
+    outside: u32,
+    what: &str,
+) {
+    for yy in y..y + height {
+        for xx in x..x + width {
+            let got = client.pixel(xx, yy);
+            assert_eq!(
+                got, inside,
+                "{what}: pixel ({xx},{yy}) is {got:#x}, expected {inside:#x}"
+            );
+        }
+    }
+    assert_eq!(
+        client.pixel(x + width, y),
+        outside,
+        "{what}: right of the rectangle"
+    );
+    assert_eq!(client.pixel(0, 0), outside, "{what}: top-left corner");
+}
+
+#[test]
+fn every_rfb_version_completes_the_handshake_and_gets_the_screen() {
+    if skip_unless_root() {
+        return;
+    }
+    let d = Display::start(&Options::default());
+    d.paint(10, 20, 30, 40, [255, 0, 0]);
+    for version in [V33, V37, V38, b"RFB 003.005\n"] {
+        let mut c = RfbClient::connect(d.addr, version, &Security::None, true)
+            .unwrap_or_else(|e| panic!("{version:?}: {e:#}"));
+        assert_eq!((c.width, c.height), (640, 480));
+        assert_eq!(c.name, "fb-test-guest");
+        assert_eq!(c.format, Format::RGB888_LE, "the default format");
+        c.request_all(false).unwrap();
+        c.read_update().unwrap();
+        assert_rect(
+            &c,
+            (10, 20, 30, 40),
+            0x00ff_0000,
+            0x0020_4060,
+            "default format",
+        );
+    }
+}
+
+#[test]
+fn vnc_authentication_admits_the_right_password_and_refuses_a_wrong_one() {
+    if skip_unless_root() {
+        return;
+    }
+    let d = Display::start(&Options {
+        password: Some("s3cret"),
+        ..Options::default()
+    });
+    for version in [V33, V37, V38] {
+        let mut c = RfbClient::connect(d.addr, version, &Security::Vnc("s3cret".into()), true)
+            .unwrap_or_else(|e| panic!("{version:?} right password: {e:#}"));
+        c.request_all(false).unwrap();
+        c.read_update().unwrap();
+
+        let err = RfbClient::connect(d.addr, version, &Security::Vnc("wrong".into()), true)
+            .expect_err("a wrong password was accepted");
+        match err.downcast_ref::<Refused>() {
+            Some(Refused::AuthFailed(reason)) => {
+                if version == V38 {
+                    assert!(!reason.is_empty(), "3.8 gives a reason");
+                }
+            }
+            None => panic!("{version:?}: wrong password: unexpected error {err:#}"),
+        }
+    }
+    // A client offering no authentication is not let in.
+    assert!(RfbClient::connect(d.addr, V38, &Security::None, true).is_err());
+    assert!(
+        !d.log_text().contains("s3cret"),
+        "the password is never logged"
+    );
+    d.assert_serves_with(&Security::Vnc("s3cret".into()));
+}
+
+impl Display {
+    fn assert_serves_with(&self, sec: &Security) {
+        let mut c = RfbClient::connect(self.addr, V38, sec, true).expect("connect");
+        c.request_all(false).expect("request");
+        c.read_update().expect("update");
+    }
+}
+
+#[test]
+fn colours_read_back_exactly_in_every_pixel_format_and_encoding() {
+    if skip_unless_root() {
+        return;
+    }
+    let d = Display::start(&Options::default());
+    let colours = [
+        ((100, 100, 70, 70), [255, 0, 0]),
+        ((200, 100, 70, 70), [0, 255, 0]),
+        ((300, 100, 70, 70), [0, 0, 255]),
+        ((400, 100, 70, 70), [0xc0, 0x80, 0x33]),
+    ];
+    for &((x, y, w, h), rgb) in &colours {
+        d.paint(x, y, w, h, rgb);
+    }
+    // A noisy region so that ZRLE's raw and RLE tiles are exercised too.
+    for i in 0..64u32 {
+        d.paint(
+            10 + i,
+            300,
+            1,
+            64,
+            [(i * 4) as u8, (255 - i * 3) as u8, (i * 7) as u8],
+        );
+    }
+    let formats = [
+        ("32 bpp LE", Format::RGB888_LE),
+        ("32 bpp BE", Format::RGB888_BE),
+        ("16 bpp 565", Format::RGB565_LE),
+        ("8 bpp 332", Format::RGB332),
+    ];
+    // Literal values of pure red in each format, independent of the formula below.
+    let red = [0x00ff_0000, 0x00ff_0000, 0xf800, 0xe0];
+    for (i, &(fname, format)) in formats.iter().enumerate() {
+        for (ename, enc) in [("Raw", RAW), ("Zlib", ZLIB), ("ZRLE", ZRLE)] {
+            let what = format!("{fname} {ename}");
+            let mut c = d.connect();
+            c.set_pixel_format(format).unwrap();
+            c.set_encodings(&[enc]).unwrap();
+            c.request_all(false).unwrap();
+            let rects = c.read_update().unwrap();
+            assert!(
+                rects.iter().all(|r| r.encoding == enc),
+                "{what}: encodings {rects:?}"
+            );
+            let bg = format.value_of(BACKGROUND);
+            assert_eq!(format.value_of([255, 0, 0]), red[i], "{what}: test formula");
+            for &((x, y, w, h), rgb) in &colours {
+                let rect = (x as u16, y as u16, w as u16, h as u16);
+                assert_rect(&c, rect, format.value_of(rgb), bg, &what);
+            }
+            for i in 0..64u16 {
+                let v = u32::from(i);
+                let rgb = [(v * 4) as u8, (255 - v * 3) as u8, (v * 7) as u8];
+                assert_eq!(
+                    c.pixel(10 + i, 330),
+                    format.value_of(rgb),
+                    "{what}: noise column {i}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn an_incremental_update_covers_a_repainted_region_and_not_the_whole_screen() {
+    if skip_unless_root() {
+        return;
+    }
+    let d = Display::start(&Options::default());
+    for enc in [RAW, ZRLE] {
+        let mut c = d.connect();
+        c.set_encodings(&[enc]).unwrap();
+        c.request_all(false).unwrap();
+        c.read_update().unwrap();
+        c.request_all(true).unwrap();
+        d.paint(300, 200, 10, 10, [1, 2, 3]);
+        let want = Format::RGB888_LE.value_of([1, 2, 3]);
+        // A scan may catch the paint half done; the rest follows in the next update.
+        let mut covered = [false; 100];
+        for round in 0..5 {
+            let rects = c.read_update().unwrap();
+            let area: u32 = rects.iter().map(|r| u32::from(r.w) * u32::from(r.h)).sum();
+            // dev-fb sends the changed pixels' box, not whole tiles.
+            assert!(area <= 10 * 10, "{rects:?}: more than the repainted region");
+            for r in &rects {
+                for y in r.y..r.y + r.h {
+                    for x in r.x..r.x + r.w {
+                        if (300..310).contains(&x) && (200..210).contains(&y) {
+                            covered[usize::from(y - 200) * 10 + usize::from(x - 300)] = true;
+                        }
+                    }
+                }
+            }
+            if covered.iter().all(|&c| c) {
+                break;
+            }
+            assert!(
+                round < 4,
+                "updates {rects:?} never covered the repainted region"
+            );
+            c.request_all(true).unwrap();
+        }
+        for (x, y) in [(300, 200), (309, 209), (305, 205)] {
+            assert_eq!(c.pixel(x, y), want, "pixel ({x},{y})");
+        }
+        d.paint(300, 200, 10, 10, BACKGROUND);
+    }
+}
+
+#[test]
+fn two_clients_at_once_both_see_a_change() {
+    if skip_unless_root() {
+        return;
+    }
+    let d = Display::start(&Options::default());
+    let mut a = d.connect();
+    let mut b = d.connect();
+    b.set_pixel_format(Format::RGB565_LE).unwrap();
+    for c in [&mut a, &mut b] {
+        c.request_all(false).unwrap();
+        c.read_update().unwrap();
+        c.request_all(true).unwrap();
+    }
+    d.paint(0, 0, 64, 64, [255, 255, 255]);
+    for c in [&mut a, &mut b] {
+        c.read_update().unwrap();
+        assert_eq!(c.pixel(5, 5), c.format.value_of([255, 255, 255]));
+    }
+}
+
+#[test]
+fn a_client_that_never_reads_is_dropped_while_another_keeps_getting_updates() {
+    if skip_unless_root() {
+        return;
+    }
+    let d = Display::start(&Options {
+        width: 1024,
+        height: 768,
+        ..Options::default()
+    });
+    let mut good = d.connect();
+    let mut stuck = d.connect();
+    // The stuck client asks for the whole screen, raw, over and over, and never reads.
+    stuck.set_encodings(&[RAW]).unwrap();
+    let mut updates = 0;
+    let mut colour = 0u8;
+    let start = Instant::now();
+    let mut stuck_alive = true;
+    while start.elapsed() < Duration::from_secs(20) && (stuck_alive || updates < 20) {
+        if stuck_alive {
+            for _ in 0..4 {
+                if stuck.request_all(false).is_err() {
+                    stuck_alive = false;
+                    break;
+                }
+            }
+        }
+        colour = colour.wrapping_add(1);
+        d.paint(0, 0, 64, 64, [colour, 0, 0]);
+        good.request_all(true).unwrap();
+        good.read_update()
+            .expect("the reading client keeps getting updates");
+        assert_eq!(good.pixel(1, 1), Format::RGB888_LE.value_of([colour, 0, 0]));
+        updates += 1;
+        if !d.log_text().contains("output queue full") {
+            continue;
+        }
+        stuck_alive = false;
+    }
+    assert!(
+        d.log_text().contains("output queue full"),
+        "the stuck client was not dropped in 20 s ({updates} updates to the other)"
+    );
+    assert!(
+        updates >= 20,
+        "only {updates} updates reached the reading client"
+    );
+    d.assert_serves();
+}
+
+#[test]
+fn hostile_input_closes_only_that_client_and_the_next_is_served() {
+    if skip_unless_root() {
+        return;
+    }
+    let d = Display::start(&Options::default());
+    let mut bystander = d.connect();
+
+    // A garbled version string.
+    let mut s = TcpStream::connect(d.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut v = [0u8; 12];
+    s.read_exact(&mut v).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert_closed(&mut s, "garbled version");
+    // A short version, then hang-up: nothing to check but that the server goes on.
+    let mut s = TcpStream::connect(d.addr).unwrap();
+    s.write_all(b"RFB 00").unwrap();
+    drop(s);
+
+    // Cut text longer than 1 MiB.
+    let mut c = d.connect();
+    c.send_raw(&[6, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff]).unwrap();
+    assert_client_closed(c, "huge cut text");
+
+    // An unknown message type.
+    let mut c = d.connect();
+    c.send_raw(&[99, 1, 2, 3]).unwrap();
+    assert_client_closed(c, "unknown message type");
+
+    // SetEncodings with the largest count: kept in bound, skipped, and the client goes on.
+    let mut c = d.connect();
+    let mut msg = vec![2, 0, 0xff, 0xff];
+    for i in 0..0xffffi32 {
+        msg.extend_from_slice(&(i % 7 - 3).to_be_bytes());
+    }
+    c.send_raw(&msg).unwrap();
+    c.request_all(false).unwrap();
+    c.read_update().expect("served after a huge SetEncodings");
+
+    // An empty request is ignored; an enormous one is clipped to the screen.
+    c.request(false, 10, 10, 0, 0).unwrap();
+    c.request(false, 0, 0, 0xffff, 0xffff).unwrap();
+    let rects = c.read_update().unwrap();
+    assert!(
+        rects
+            .iter()
+            .all(|r| u32::from(r.x) + u32::from(r.w) <= WIDTH
+                && u32::from(r.y) + u32::from(r.h) <= HEIGHT),
+        "{rects:?} leave the screen"
+    );
+    // A request wholly outside the screen is ignored: the next update answers the next request.
+    c.request(false, 5000, 5000, 10, 10).unwrap();
+    c.request(false, 0, 0, 8, 8).unwrap();
+    let rects = c.read_update().unwrap();
+    assert_eq!(rects.len(), 1);
+    assert_eq!((rects[0].w, rects[0].h), (8, 8));
+
+    // The bystander was never disturbed.
+    bystander.request_all(false).unwrap();
+    bystander
+        .read_update()
+        .expect("the bystander is still served");
+    d.assert_serves();
+}
+
+fn assert_closed(s: &mut TcpStream, what: &str) {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("{what}: the server did not close the connection: {e}"),
+        }
+    }
+}
+
+fn assert_client_closed(c: RfbClient, what: &str) {
+    let mut s = c.stream().try_clone().unwrap();
+    drop(c);
+    assert_closed(&mut s, what);
+}
+
+#[test]
+fn connections_beyond_sixteen_are_closed_and_the_others_keep_working() {
+    if skip_unless_root() {
+        return;
+    }
+    let d = Display::start(&Options::default());
+    let mut clients: Vec<RfbClient> = (0..16).map(|_| d.connect()).collect();
+    let mut extra = TcpStream::connect(d.addr).unwrap();
+    assert_closed(&mut extra, "the seventeenth connection");
+    assert!(d.wait_log("too many VNC clients"));
+    for c in &mut clients {
+        c.request(false, 0, 0, 8, 8).unwrap();
+        c.read_update().expect("the first sixteen are still served");
+    }
+    drop(clients.pop());
+    // A slot came free: the next client is served once dev-fb has seen the hang-up.
+    assert!(d.wait_log("client hung up"));
+    d.assert_serves();
+}
+
+#[test]
+fn a_non_shared_client_disconnects_the_others() {
+    if skip_unless_root() {
+        return;
+    }
+    let d = Display::start(&Options::default());
+    let a = d.connect();
+    let mut b = RfbClient::connect(d.addr, V38, &Security::None, false).unwrap();
+    assert_client_closed(a, "shared client after an exclusive one");
+    b.request_all(false).unwrap();
+    b.read_update().unwrap();
+
+    let forced = Display::start(&Options {
+        share: SharePolicy::ForceShared,
+        ..Options::default()
+    });
+    let mut a = forced.connect();
+    let _b = RfbClient::connect(forced.addr, V38, &Security::None, false).unwrap();
+    a.request_all(false).unwrap();
+    a.read_update()
+        .expect("force-shared keeps the first client");
+}
+
+#[test]
+fn a_mode_change_reaches_clients_as_a_desktop_size_and_bad_modes_are_refused() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut d = Display::start(&Options::default());
+    let mut plain = d.connect();
+    plain.set_encodings(&[RAW, DESKTOP_SIZE]).unwrap();
+    let mut ext = d.connect();
+    ext.set_encodings(&[ZRLE, EXTENDED_DESKTOP_SIZE, DESKTOP_SIZE])
+        .unwrap();
+    for c in [&mut plain, &mut ext] {
+        c.request_all(false).unwrap();
+        c.read_update().unwrap();
+        c.request_all(true).unwrap();
+    }
+    let running = d.running.as_ref().unwrap();
+    // Past the end of the framebuffer: refused, nothing reaches the clients.
+    let mut bad = Mode::packed(1024, 768, 32);
+    bad.offset = 4096;
+    running.channel.send(&ToDisplay::SetMode(bad), &[]).unwrap();
+    assert!(d.wait_log("refusing a display mode"));
+    // 800x600 at 16 bpp.
+    running
+        .channel
+        .send(&ToDisplay::SetMode(Mode::packed(800, 600, 16)), &[])
+        .unwrap();
+    // Paint a 565 red square at (700, 500) with the new stride.
+    d.stride = 800 * 2;
+    let red565 = 0xf800u16.to_le_bytes();
+    for y in 500..520u64 {
+        let row: Vec<u8> = red565.iter().copied().cycle().take(20 * 2).collect();
+        d.fb.write_all_at(&row, y * 1600 + 700 * 2).unwrap();
+    }
+    for (c, pseudo) in [
+        (&mut plain, DESKTOP_SIZE),
+        (&mut ext, EXTENDED_DESKTOP_SIZE),
+    ] {
+        // The paint may race the mode change and reach the client as tiles of the old mode
+        // first; the resize follows in one of the next updates.
+        let mut rects = c.read_update().unwrap();
+        for _ in 0..5 {
+            if rects[0].encoding == pseudo {
+                break;
+            }
+            c.request_all(true).unwrap();
+            rects = c.read_update().unwrap();
+        }
+        assert_eq!(rects[0].encoding, pseudo, "{rects:?}");
+        assert_eq!((c.width, c.height), (800, 600));
+        // The whole new screen follows in the same update.
+        assert_eq!(c.pixel(710, 510), 0x00ff_0000);
+    }
+    d.stride = WIDTH * 4;
+}
+
+#[test]
+fn keys_and_pointer_reach_the_input_queue_as_evdev_codes() {
+    if skip_unless_root() {
+        return;
+    }
+    let d = Display::start(&Options::default());
+    let mut c = d.connect();
+    c.set_encodings(&[RAW, QEMU_EXTENDED_KEY]).unwrap();
+    c.request_all(false).unwrap();
+    let rects = c.read_update().unwrap();
+    assert!(
+        rects.iter().any(|r| r.encoding == QEMU_EXTENDED_KEY),
+        "the server confirms QEMU extended keys: {rects:?}"
+    );
+    c.key(u32::from(b'a'), true).unwrap();
+    c.key(0xff0d, false).unwrap(); // Return
+    c.qemu_key(0xff52, 0x80 | 0x48, true).unwrap(); // Up, by scancode
+    c.pointer(1, 639, 479).unwrap();
+    c.pointer(0, 0, 0).unwrap();
+    assert!(d.wait_log("Pointer { x: 0, y: 0, buttons: 0 }"));
+    let log = d.log_text();
+    for needle in [
+        "Key { code: 30, down: true }",
+        "Key { code: 28, down: false }",
+        "Key { code: 103, down: true }",
+        "Pointer { x: 32767, y: 32767, buttons: 1 }",
+    ] {
+        assert!(log.contains(needle), "log lacks {needle}:\n{log}");
+    }
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the ")" of the command name: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn an_idle_client_on_an_idle_screen_costs_almost_no_cpu() {
+    if skip_unless_root() {
+        return;
+    }
+    let d = Display::start(&Options {
+        width: 1024,
+        height: 768,
+        ..Options::default()
+    });
+    let mut c = d.connect();
+    c.request_all(false).unwrap();
+    c.read_update().unwrap();
+    // A connected client with no request outstanding: no scanning at all.
+    let before = cpu_ticks(d.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let quiet = cpu_ticks(d.pid()) - before;
+    // What real viewers do: an incremental request always outstanding.
+    c.request_all(true).unwrap();
+    std::thread::sleep(Duration::from_millis(1500)); // past the fast-scan second
+    let before = cpu_ticks(d.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let waiting = cpu_ticks(d.pid()) - before;
+    eprintln!(
+        "dev-fb CPU in 2 s at 1024x768: {quiet} ticks with no request, {waiting} ticks with an \
+         incremental request outstanding"
+    );
+    let field = |f| tests::procfs::field(d.pid(), f).unwrap_or_default();
+    eprintln!(
+        "dev-fb memory: VmRSS {}, RssAnon {}, RssShmem {} (framebuffer 1024x768x4 = 3072 kB)",
+        field("VmRSS"),
+        field("RssAnon"),
+        field("RssShmem")
+    );
+    // 100 ticks a second: 1 tick is 0.5% of one core over 2 s, 4 ticks 2%.
+    assert!(
+        quiet <= 1,
+        "dev-fb used {quiet} ticks in 2 s with nothing to do"
+    );
+    assert!(
+        waiting <= 4,
+        "dev-fb used {waiting} ticks in 2 s on an idle screen"
+    );
+}
+
+#[test]
+fn dev_fb_runs_sandboxed() {
+    if skip_unless_root() {
+        return;
+    }
+    let d = Display::start(&Options::default());
+    let _c = d.connect();
+    tests::procfs::assert_sandboxed(d.pid()).expect("dev-fb is sandboxed");
+    let log = d.log_text();
+    assert!(log.contains("in capability mode"), "log: {log}");
+    assert!(log.contains("VNC client connected"), "log: {log}");
+}
