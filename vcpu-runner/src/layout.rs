@@ -14,6 +14,13 @@ pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
 pub const ECAM_START: u64 = 0xE000_0000;
 /// Size of the ECAM window: 1 bus × 32 devices × 8 functions × 4 KiB.
 pub const ECAM_SIZE: u64 = 1 << 20;
+/// The bochs display's BAR2 (its 4 KiB of registers) as the runner first places it: just below
+/// the framebuffer, far above the virtio BARs packed from [`PCI_MMIO32_START`].
+pub const DISPLAY_REGISTERS_START: u64 = 0xCFFF_F000;
+/// The bochs display's BAR0 (the framebuffer) as the runner first places it. 256 MiB-aligned,
+/// so every framebuffer size up to `proto::display::MAX_FRAMEBUFFER_BYTES` (a power of two, at
+/// most 256 MiB) is aligned to its size and ends at or before [`ECAM_START`].
+pub const DISPLAY_FRAMEBUFFER_START: u64 = 0xD000_0000;
 /// The IOAPIC's MMIO page (KVM's in-kernel IOAPIC).
 pub const IOAPIC_START: u64 = 0xFEC0_0000;
 /// The local APICs' MMIO page.

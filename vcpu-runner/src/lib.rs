@@ -3,12 +3,13 @@
 //!
 //! Started by the per-VM supervisor with its bootstrap channel on fd 3. It takes its
 //! descriptors (`/dev/kvm`, the guest RAM memfd, the kernel, the initrd, the console socket,
-//! its log), enters capability mode (`child::start`, with this crate's `seccomp.policy`), and
-//! only then reads the supervisor's [`ToRunner::Boot`] and builds the machine: the KVM VM with
-//! in-kernel irqchip and PIT, guest RAM, ACPI tables, the kernel loaded by the Linux boot
-//! protocol, the platform devices and one thread per vCPU. It answers [`FromRunner::Running`]
-//! or [`FromRunner::Failed`], presses the power button when asked, and reports the guest's end
-//! with [`FromRunner::Exited`] before it exits.
+//! its log; with a display also the framebuffer memfd and the dev-fb channel), enters
+//! capability mode (`child::start`, with this crate's `seccomp.policy`), and only then reads
+//! the supervisor's [`ToRunner::Boot`] and builds the machine: the KVM VM with in-kernel
+//! irqchip and PIT, guest RAM, ACPI tables, the kernel loaded by the Linux boot protocol, the
+//! platform devices, the bochs display (`display`) and one thread per vCPU. It answers
+//! [`FromRunner::Running`] or [`FromRunner::Failed`], presses the power button when asked, and
+//! reports the guest's end with [`FromRunner::Exited`] before it exits.
 //!
 //! Trusts: its supervisor, for the bootstrap and the machine config (still validated).
 //! Everything the guest writes (ports, MMIO, RAM) and the kernel and initrd files are hostile.
@@ -18,6 +19,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod devices;
+pub mod display;
 pub mod layout;
 pub mod machine;
 pub mod memory;
@@ -63,6 +65,9 @@ pub fn run() -> Result<(), RunError> {
                 ToRunner::PowerButton => {
                     tracing::debug!("power button before boot ignored");
                 }
+                ToRunner::ReplaceDevice { index } | ToRunner::DeviceFailed { index } => {
+                    tracing::debug!(index, "device message before boot ignored");
+                }
             },
             Err(ChannelError::Closed) => {
                 tracing::info!("supervisor closed the channel before boot; exiting");
@@ -73,8 +78,8 @@ pub fn run() -> Result<(), RunError> {
     };
 
     let fds = std::mem::take(&mut started.fds);
-    let button = match boot_machine(&cfg, fds, channel.clone()) {
-        Ok(button) => button,
+    let controls = match boot_machine(&cfg, fds, channel.clone()) {
+        Ok(controls) => controls,
         Err(reason) => {
             tracing::error!(%reason, "machine not built");
             channel.send(&FromRunner::failed(&reason), &[])?;
@@ -89,9 +94,26 @@ pub fn run() -> Result<(), RunError> {
             Ok(received) => match received.msg {
                 ToRunner::PowerButton => {
                     tracing::info!("power button pressed");
-                    button.press();
+                    controls.press();
                 }
                 ToRunner::Boot(_) => tracing::debug!("second Boot ignored"),
+                ToRunner::ReplaceDevice { index } => {
+                    let Some(fd) = received.fds.into_iter().next() else {
+                        tracing::warn!(index, "ReplaceDevice without a channel ignored");
+                        continue;
+                    };
+                    match controls.replace_device(index, fd) {
+                        Ok(()) => tracing::info!(index, "restarted device reconnected"),
+                        Err(e) => {
+                            tracing::warn!(error = %error_chain(&e), "device not reconnected");
+                        }
+                    }
+                }
+                ToRunner::DeviceFailed { index } => {
+                    if let Err(e) = controls.fail_device(index) {
+                        tracing::warn!(error = %e, "DeviceFailed not applied");
+                    }
+                }
             },
             Err(ChannelError::Closed) => {
                 tracing::info!("supervisor closed the channel; exiting");
@@ -109,7 +131,7 @@ fn boot_machine(
     cfg: &proto::runner::MachineConfig,
     fds: Vec<(FdRole, std::os::fd::OwnedFd)>,
     channel: Arc<Channel>,
-) -> Result<machine::PowerButton, String> {
+) -> Result<machine::Controls, String> {
     cfg.validate().map_err(|e| e.to_string())?;
     let mut fds = fds;
     let mut fd = |role: FdRole| -> Option<std::os::fd::OwnedFd> {
@@ -117,6 +139,14 @@ fn boot_machine(
         Some(fds.remove(pos).1)
     };
     let missing = |what: &str| format!("the supervisor passed no {what} descriptor");
+    let display = match (fd(FdRole::Framebuffer), fd(FdRole::DisplayChannel)) {
+        (Some(framebuffer), Some(channel)) => Some(machine::DisplayInputs {
+            framebuffer: File::from(framebuffer),
+            channel,
+        }),
+        (None, None) => None,
+        _ => return Err(machine::BuildError::DisplayInputs.to_string()),
+    };
     let inputs = machine::Inputs {
         kvm: fd(FdRole::Kvm).ok_or_else(|| missing("/dev/kvm"))?,
         memory: File::from(fd(FdRole::GuestMemory).ok_or_else(|| missing("guest memory"))?),
@@ -124,6 +154,7 @@ fn boot_machine(
         initrd: fd(FdRole::Initrd).map(File::from),
         console: File::from(fd(FdRole::Console).ok_or_else(|| missing("console"))?),
         devices: std::iter::from_fn(|| fd(FdRole::DeviceChannel)).collect(),
+        display,
     };
     let on_exit: machine::ExitHandler = Box::new(move |exit, detail| {
         if let Err(e) = channel.send(&FromRunner::exited(exit, detail), &[]) {

@@ -27,12 +27,17 @@ use crate::devices::i8042::I8042;
 use crate::devices::pci::PciRoot;
 use crate::devices::serial::Com1;
 use crate::devices::{Bus, MmioDevice, Overlap, PioDevice, Platform};
+use crate::display::kvm_slot::KvmFramebuffer;
+use crate::display::sender::ChannelSink;
+use crate::display::window::DisplayWindow;
+use crate::display::{AddressMap, BochsDisplay, DisplayConfig, DisplayError, Placement, SlotError};
 use crate::layout::{
-    ACPI_PM_BASE, ACPI_PM_LEN, CMOS_PORT, COM1_PORT, ECAM_SIZE, ECAM_START, I8042_COMMAND_PORT,
-    I8042_DATA_PORT, KVM_IDENTITY_MAP_START, KVM_TSS_START, MMIO_HOLE_START, PCI_CONFIG_PORT,
-    PCI_MMIO32_START,
+    ACPI_PM_BASE, ACPI_PM_LEN, CMOS_PORT, COM1_PORT, DISPLAY_FRAMEBUFFER_START,
+    DISPLAY_REGISTERS_START, ECAM_SIZE, ECAM_START, I8042_COMMAND_PORT, I8042_DATA_PORT,
+    IOAPIC_START, KVM_IDENTITY_MAP_START, KVM_TSS_START, LAPIC_START, MMIO_HOLE_START,
+    PCI_CONFIG_PORT, PCI_MMIO32_START,
 };
-use crate::memory::{GuestMem, MemoryError};
+use crate::memory::{GuestMem, MemoryError, RamRange};
 use crate::virtio_pci::kvm_host::KvmHost;
 use crate::virtio_pci::window::BarWindow;
 use crate::virtio_pci::{TransportError, VirtioHost, VirtioPci, bar_address, link};
@@ -53,6 +58,19 @@ const APIC_MODE_NMI: u32 = 0x400;
 const UNCLAIMED_LOG_LIMIT: u32 = 32;
 /// How long a device process may take to say what it is.
 const DEVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The KVM memory slot of the display's framebuffer (guest RAM takes slots 0 and 1).
+const FRAMEBUFFER_SLOT: u32 = 8;
+/// Platform MMIO a BAR must not cover: ECAM, the IOAPIC and local APIC pages, and KVM's
+/// identity-map page followed by its three TSS pages.
+const PLATFORM_MMIO: [(u64, u64); 4] = [
+    (ECAM_START, ECAM_SIZE),
+    (IOAPIC_START, 0x1000),
+    (LAPIC_START, 0x1000),
+    (
+        KVM_IDENTITY_MAP_START,
+        KVM_TSS_START + 0x3000 - KVM_IDENTITY_MAP_START,
+    ),
+];
 
 /// What the runner does when the guest ends: report it and end the process. Called once.
 pub type ExitHandler = Box<dyn Fn(GuestExit, &str) + Send + Sync>;
@@ -90,6 +108,12 @@ pub enum BuildError {
     },
     #[error("virtio device {0}: no PCI slot or BAR left")]
     TooManyDevices(usize),
+    #[error("the display: {0}")]
+    Display(#[from] DisplayError),
+    #[error("the display needs both the framebuffer and the display channel descriptors")]
+    DisplayInputs,
+    #[error("the display: no PCI slot left")]
+    DisplaySlot,
     #[error("writing the ACPI tables into guest RAM failed")]
     AcpiWrite(#[source] vm_memory::GuestMemoryError),
     #[error("duplicating the console descriptor failed")]
@@ -112,6 +136,17 @@ pub struct Inputs {
     pub console: File,
     /// One runner↔device channel per virtio device, in PCI slot order.
     pub devices: Vec<OwnedFd>,
+    /// The bochs display, if the guest has one.
+    pub display: Option<DisplayInputs>,
+}
+
+/// What the bochs display is built from.
+#[derive(Debug)]
+pub struct DisplayInputs {
+    /// The framebuffer memfd (BAR0); its size is the framebuffer's.
+    pub framebuffer: File,
+    /// The runner↔dev-fb channel, where mode changes go.
+    pub channel: OwnedFd,
 }
 
 /// The devices' link to the machine: interrupt lines on the VM, exits to the handler.
@@ -215,7 +250,17 @@ pub fn build(
     });
     let console_out = inputs.console.try_clone().map_err(BuildError::Console)?;
     let virtio = connect_virtio(&vm, inputs.devices)?;
-    let devices = Devices::new(cfg, platform.clone(), Box::new(console_out), &virtio)?;
+    let display = inputs
+        .display
+        .map(|d| build_display(&vm, cfg, d, &virtio))
+        .transpose()?;
+    let devices = Devices::new(
+        cfg,
+        platform.clone(),
+        Box::new(console_out),
+        &virtio,
+        display.as_ref(),
+    )?;
 
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -269,6 +314,7 @@ impl Devices {
         platform: Arc<RunnerPlatform>,
         console_out: Box<dyn std::io::Write + Send>,
         virtio: &[VirtioDevice],
+        display: Option<&Arc<Mutex<BochsDisplay>>>,
     ) -> Result<Devices, BuildError> {
         let dyn_platform: Arc<dyn Platform> = platform;
         let com1 = Arc::new(Mutex::new(Com1::new(dyn_platform.clone(), console_out)));
@@ -296,6 +342,12 @@ impl Devices {
             root.add_function(slot, VirtioPci::pci_function(&device.pci))
                 .map_err(|_| BuildError::TooManyDevices(index))?;
         }
+        if let Some(display) = display {
+            // The next slot after the virtio devices.
+            let slot = u8::try_from(virtio.len() + 1).map_err(|_| BuildError::DisplaySlot)?;
+            root.add_function(slot, BochsDisplay::pci_function(display))
+                .map_err(|_| BuildError::DisplaySlot)?;
+        }
         let pci = Arc::new(Mutex::new(root));
 
         let mut pio: Bus<dyn PioDevice> = Bus::default();
@@ -311,15 +363,23 @@ impl Devices {
         pio.insert(u64::from(PCI_CONFIG_PORT), 8, pci.clone())?;
         let mut mmio: Bus<dyn MmioDevice> = Bus::default();
         mmio.insert(ECAM_START, ECAM_SIZE, pci)?;
-        if !virtio.is_empty() {
-            // Every virtio BAR0 sits in the 32-bit window; the window routes each access to the
-            // function that decodes it now, wherever the guest moved it.
+        // Every virtio BAR0 and the display's BAR2 sit in the 32-bit window; the window routes
+        // each access to the function that decodes it now, wherever the guest moved it.
+        let virtio_window: Option<Arc<Mutex<dyn MmioDevice>>> = if virtio.is_empty() {
+            None
+        } else {
             let functions: Vec<_> = virtio.iter().map(|d| d.pci.clone()).collect();
-            mmio.insert(
-                PCI_MMIO32_START,
-                ECAM_START - PCI_MMIO32_START,
-                Arc::new(Mutex::new(BarWindow::new(&functions))),
-            )?;
+            Some(Arc::new(Mutex::new(BarWindow::new(&functions))))
+        };
+        let window = match display {
+            Some(display) => Some(
+                Arc::new(Mutex::new(DisplayWindow::new(display, virtio_window)))
+                    as Arc<Mutex<dyn MmioDevice>>,
+            ),
+            None => virtio_window,
+        };
+        if let Some(window) = window {
+            mmio.insert(PCI_MMIO32_START, ECAM_START - PCI_MMIO32_START, window)?;
         }
         Ok(Devices {
             pio,
@@ -359,6 +419,74 @@ fn connect_virtio(vm: &Arc<VmFd>, devices: Vec<OwnedFd>) -> Result<Vec<VirtioDev
             })
         })
         .collect()
+}
+
+/// The rest of the machine's address map, as the display sees it when the guest moves its
+/// framebuffer BAR.
+struct MachineAddresses {
+    ram: Vec<RamRange>,
+    virtio: Vec<Arc<Mutex<VirtioPci>>>,
+}
+
+impl AddressMap for MachineAddresses {
+    fn is_free(&self, start: u64, len: u64) -> bool {
+        let overlaps = |base: u64, size: u64| {
+            start < base.saturating_add(size) && base < start.saturating_add(len)
+        };
+        let ram = self.ram.iter().any(|r| overlaps(r.guest, r.len));
+        let platform = PLATFORM_MMIO.iter().any(|&(b, l)| overlaps(b, l));
+        // Called under the PCI root's lock; a virtio function never takes the root's or the
+        // display's lock while it holds its own, so this order cannot deadlock.
+        let virtio = self.virtio.iter().any(|f| {
+            f.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .bar()
+                .is_some_and(|b| overlaps(b, crate::virtio_pci::BAR_SIZE))
+        });
+        !(ram || platform || virtio)
+    }
+}
+
+/// The bochs display over the framebuffer memfd: BAR0 a KVM slot at its first place, mode
+/// changes sent on the display channel by a thread of their own.
+fn build_display(
+    vm: &Arc<VmFd>,
+    cfg: &MachineConfig,
+    inputs: DisplayInputs,
+    virtio: &[VirtioDevice],
+) -> Result<Arc<Mutex<BochsDisplay>>, BuildError> {
+    let size = inputs
+        .framebuffer
+        .metadata()
+        .map_err(|e| DisplayError::Slot(SlotError::Stat(e)))?
+        .len();
+    let config = DisplayConfig::with_framebuffer(size);
+    config.validate().map_err(DisplayError::from)?;
+    let slot = KvmFramebuffer::new(vm.clone(), FRAMEBUFFER_SLOT, inputs.framebuffer, size)
+        .map_err(DisplayError::from)?;
+    let sink =
+        ChannelSink::spawn(proto::Channel::from_fd(inputs.channel)).map_err(BuildError::Thread)?;
+    let addresses = MachineAddresses {
+        ram: crate::memory::ram_ranges(cfg.memory_bytes),
+        virtio: virtio.iter().map(|d| d.pci.clone()).collect(),
+    };
+    let display = BochsDisplay::new(
+        &config,
+        Placement {
+            framebuffer: DISPLAY_FRAMEBUFFER_START,
+            registers: DISPLAY_REGISTERS_START,
+        },
+        Box::new(slot),
+        Box::new(addresses),
+        sink,
+    )?;
+    tracing::info!(
+        framebuffer_bytes = size,
+        bar0 = format_args!("{DISPLAY_FRAMEBUFFER_START:#x}"),
+        bar2 = format_args!("{DISPLAY_REGISTERS_START:#x}"),
+        "bochs display present"
+    );
+    Ok(Arc::new(Mutex::new(display)))
 }
 
 fn register_memory(vm: &VmFd, memory: &GuestMem) -> Result<(), BuildError> {
@@ -417,8 +545,8 @@ fn set_lvt_mode(regs: &mut [libc::c_char], offset: usize, mode: u32) {
 
 impl Machine {
     /// Starts a thread per vCPU and the console input thread; returns once every vCPU thread
-    /// is about to enter the guest. Returns a handle for the power button.
-    pub fn start(self) -> Result<PowerButton, BuildError> {
+    /// is about to enter the guest. Returns the handles the supervisor's messages act on.
+    pub fn start(self) -> Result<Controls, BuildError> {
         let count = self.vcpus.len();
         let barrier = Arc::new(Barrier::new(count + 1));
         for (index, vcpu) in (0u32..).zip(self.vcpus) {
@@ -443,7 +571,9 @@ impl Machine {
             .name("console-in".into())
             .spawn(move || feed_console(console, &com1))
             .map_err(BuildError::Thread)?;
+        let mut devices = Vec::with_capacity(self.virtio.len());
         for (index, device) in self.virtio.into_iter().enumerate() {
+            devices.push(device.pci.clone());
             link::spawn(&format!("dev{index}"), device.channel, device.pci)
                 .map_err(|source| BuildError::DeviceLink { index, source })?;
         }
@@ -452,20 +582,71 @@ impl Machine {
         // exits: they are leaked rather than dropped.
         std::mem::forget(self.memory_map);
         std::mem::forget(self.vm);
-        Ok(PowerButton(self.acpi_pm))
+        Ok(Controls {
+            acpi_pm: self.acpi_pm,
+            devices,
+        })
     }
 }
 
-/// Presses the guest's ACPI power button.
-#[allow(missing_debug_implementations)] // holds only the device
-pub struct PowerButton(Arc<Mutex<AcpiPm>>);
+/// What the supervisor's messages act on while the guest runs: the ACPI power button and
+/// each virtio device's transport (in PCI order).
+#[allow(missing_debug_implementations)] // holds only devices
+pub struct Controls {
+    acpi_pm: Arc<Mutex<AcpiPm>>,
+    devices: Vec<Arc<Mutex<VirtioPci>>>,
+}
 
-impl PowerButton {
+/// Why a device message from the supervisor could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("there is no virtio device {0}")]
+    NoDevice(u16),
+    #[error("connecting the restarted device {index} failed")]
+    Reconnect {
+        index: u16,
+        #[source]
+        source: link::LinkError,
+    },
+}
+
+impl Controls {
+    /// Presses the guest's ACPI power button.
     pub fn press(&self) {
-        self.0
+        self.acpi_pm
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .press_power_button();
+    }
+
+    /// Device `index`'s process was restarted on `channel`: handshake, make it the transport's
+    /// device; its `Info` arrives through the new link thread and the transport re-sends its
+    /// `Activate`.
+    pub fn replace_device(&self, index: u16, channel: OwnedFd) -> Result<(), ControlError> {
+        let pci = self
+            .devices
+            .get(usize::from(index))
+            .ok_or(ControlError::NoDevice(index))?;
+        let channel = Arc::new(proto::Channel::from_fd(channel));
+        link::reconnect(
+            &format!("dev{index}"),
+            channel,
+            pci.clone(),
+            DEVICE_CONNECT_TIMEOUT,
+        )
+        .map(drop)
+        .map_err(|source| ControlError::Reconnect { index, source })
+    }
+
+    /// Device `index` will not come back: the driver sees `DEVICE_NEEDS_RESET`.
+    pub fn fail_device(&self, index: u16) -> Result<(), ControlError> {
+        self.devices
+            .get(usize::from(index))
+            .ok_or(ControlError::NoDevice(index))?
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .fail();
+        Ok(())
     }
 }
 
@@ -612,6 +793,25 @@ impl VcpuContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_display_sees_ram_and_platform_mmio_as_taken_and_the_pci_window_as_free() {
+        let map = MachineAddresses {
+            ram: crate::memory::ram_ranges(5 << 30),
+            virtio: Vec::new(),
+        };
+        assert!(!map.is_free(0xbf00_0000, 16 << 20), "low RAM");
+        assert!(!map.is_free(0x1_0000_0000, 16 << 20), "high RAM");
+        assert!(!map.is_free(ECAM_START, 0x1000));
+        assert!(!map.is_free(0xfe00_0000, 16 << 20), "IOAPIC and local APIC");
+        assert!(!map.is_free(0xff00_0000, 16 << 20), "KVM's TSS below 4 GiB");
+        assert!(map.is_free(DISPLAY_FRAMEBUFFER_START, 256 << 20));
+        assert!(map.is_free(0xc000_0000, 16 << 20));
+        assert!(
+            map.is_free(0xe100_0000, 16 << 20),
+            "between ECAM and the IOAPIC"
+        );
+    }
 
     #[test]
     fn lvt_mode_is_replaced_and_other_bits_kept() {

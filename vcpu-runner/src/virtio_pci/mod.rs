@@ -417,6 +417,15 @@ impl VirtioPci {
         }
     }
 
+    /// The supervisor gave up restarting the device's process: the driver sees it broken.
+    pub fn fail(&mut self) {
+        tracing::warn!(
+            device_type = self.info.device_type,
+            "virtio device failed for good: needs a reset"
+        );
+        self.device_failed();
+    }
+
     /// The device cannot go on: `DEVICE_NEEDS_RESET` and a configuration interrupt (§2.1.2).
     fn device_failed(&mut self) {
         self.common.set_needs_reset();
