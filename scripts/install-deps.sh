@@ -27,7 +27,7 @@ fi
 APT_PACKAGES=(
     build-essential pkg-config
     busybox-static kmod cpio xz-utils
-    iproute2 openssl python3 python3-pip
+    iproute2 iputils-ping openssl python3 python3-pip
 )
 BACKPORTS_PACKAGES=(qemu-system-x86 qemu-utils)
 

@@ -371,7 +371,8 @@ pub fn replay_requests(
         .map(|a| a & !0xfff)
         .ok_or(QueueError::Scratch)?;
     let region = MmapRegion::new(SCRATCH_BYTES).map_err(|_| QueueError::Scratch)?;
-    let region = GuestRegionMmap::new(region, GuestAddress(scratch_at)).ok_or(QueueError::Scratch)?;
+    let region =
+        GuestRegionMmap::new(region, GuestAddress(scratch_at)).ok_or(QueueError::Scratch)?;
     let view = mem
         .insert_region(Arc::new(region))
         .map_err(|_| QueueError::Scratch)?;
@@ -439,7 +440,8 @@ mod tests {
     fn read_chain(mem: &GuestMemoryMmap, head: u16, sector: u64) {
         let hdr = 0x8000 + u64::from(head) * 0x100;
         mem.write_obj(0u32, GuestAddress(hdr)).expect("type");
-        mem.write_obj(sector, GuestAddress(hdr + 8)).expect("sector");
+        mem.write_obj(sector, GuestAddress(hdr + 8))
+            .expect("sector");
         desc(mem, head, hdr, 16, NEXT, head + 1);
         desc(mem, head + 1, 0x2_0000, 512, WRITE | NEXT, head + 2);
         desc(mem, head + 2, hdr + 0x80, 1, WRITE, 0);
@@ -456,7 +458,11 @@ mod tests {
             .map(|(h, r)| (*h, r.header.expect("header").sector))
             .collect();
         assert_eq!(got, vec![(6, 42), (0, 7)]);
-        assert!(replay_requests(&mem, 16, DESC, &[]).expect("none").is_empty());
+        assert!(
+            replay_requests(&mem, 16, DESC, &[])
+                .expect("none")
+                .is_empty()
+        );
     }
 
     #[test]

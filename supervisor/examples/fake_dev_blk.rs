@@ -34,7 +34,9 @@ fn main() -> ExitCode {
     let Ok(received) = started.channel.recv::<DeviceSetup>() else {
         return ExitCode::FAILURE;
     };
-    let DeviceSetup::Block(setup) = received.msg;
+    let DeviceSetup::Block(setup) = received.msg else {
+        return ExitCode::FAILURE;
+    };
     let (Some(disk), Some(runner)) = (
         started.take_fd(&FdRole::Disk),
         started.take_fd(&FdRole::DeviceChannel),

@@ -145,6 +145,8 @@ fn exit(channel: &Channel, how: GuestExit, detail: &str) -> Result<(), ChannelEr
 
 fn serve(channel: &Channel, console: &mut File, ignore_power: bool) -> Result<(), ChannelError> {
     let mut line = Vec::new();
+    // Channels of restarted devices, kept open like the real runner keeps them.
+    let mut replaced: Vec<Channel> = Vec::new();
     let mut buf = [0u8; 1024];
     loop {
         let mut fds = [
@@ -164,7 +166,28 @@ fn serve(channel: &Channel, console: &mut File, ignore_power: bool) -> Result<()
                         return exit(channel, GuestExit::Poweroff, "acpi s5");
                     }
                 }
-                Ok(_) => {}
+                Ok(m) => match (m.msg, m.fds.into_iter().next()) {
+                    (ToRunner::ReplaceDevice { index }, Some(fd)) => {
+                        // As the real runner: handshake with the new process, read its Info.
+                        let device = Channel::from_fd(fd);
+                        let wait = Duration::from_secs(10);
+                        let info = device
+                            .handshake_timeout(ChannelKind::RunnerDevice, wait)
+                            .and_then(|()| device.recv_timeout::<FromDevice>(wait));
+                        let text = match info.map(|r| r.msg) {
+                            Ok(FromDevice::Info(info)) => {
+                                String::from_utf8_lossy(&info.config).into_owned()
+                            }
+                            other => format!("no Info: {other:?}"),
+                        };
+                        let _ = write!(console, "fake: device {index} replaced: {text}\r\n");
+                        replaced.push(device);
+                    }
+                    (ToRunner::DeviceFailed { index }, _) => {
+                        let _ = write!(console, "fake: device {index} failed\r\n");
+                    }
+                    _ => {}
+                },
                 // The supervisor is gone: so is the guest.
                 Err(ChannelError::Closed) => return Ok(()),
                 Err(e) => return Err(e),

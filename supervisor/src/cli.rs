@@ -158,6 +158,9 @@ pub enum Command {
         /// Guest to run
         name: String,
     },
+    /// Virtual switches: bridges guests' NICs join (vm-bhyve's vm switch)
+    #[command(subcommand, infer_subcommands = true, arg_required_else_help = true)]
+    Switch(SwitchCommand),
     /// List install media, or download one (http, https, ftp, file) into .iso
     Iso {
         /// Datastore to download into
@@ -191,6 +194,92 @@ pub enum DatastoreCommand {
     /// Remove a datastore from the list (its files stay)
     Remove {
         /// Datastore name
+        name: String,
+    },
+}
+
+/// `vm switch` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SwitchCommand {
+    /// List switches: NAME TYPE IFACE ADDRESS PRIVATE MTU VLAN PORTS
+    List,
+    /// Show switches (all when no name is given) with their live state and guest ports
+    Info {
+        /// Switches to show
+        names: Vec<String>,
+    },
+    /// Create a switch (standard: a bridge vm-NAME capvm makes; manual: an existing bridge)
+    Create {
+        /// Switch type: standard or manual
+        #[arg(short = 't', value_name = "TYPE")]
+        kind: Option<String>,
+        /// Member interface (joined as IF.VLAN with -n)
+        #[arg(short = 'i', value_name = "IF")]
+        interface: Option<String>,
+        /// VLAN id of the members
+        #[arg(short = 'n', value_name = "VLAN")]
+        vlan: Option<String>,
+        /// The existing bridge of a manual switch
+        #[arg(short = 'b', value_name = "BRIDGE")]
+        bridge: Option<String>,
+        /// MTU of the bridge, its members and its taps
+        #[arg(short = 'm', value_name = "MTU")]
+        mtu: Option<String>,
+        /// Host address on the bridge, IPv4 or IPv6 (repeatable)
+        #[arg(short = 'a', value_name = "ADDR/LEN")]
+        addresses: Vec<String>,
+        /// Private: guests on the switch cannot reach each other
+        #[arg(short = 'p')]
+        private: bool,
+        /// Switch name (letters, digits, '_', '-'; at most 12)
+        name: String,
+    },
+    /// Add a member interface to a switch
+    Add {
+        /// Switch
+        name: String,
+        /// Interface
+        interface: String,
+    },
+    /// Remove a member interface from a switch
+    Remove {
+        /// Switch
+        name: String,
+        /// Interface
+        interface: String,
+    },
+    /// Set the host addresses of a switch's bridge (none removes them)
+    Address {
+        /// Switch
+        name: String,
+        /// ADDR/LEN (IPv4 or IPv6), several allowed, or none
+        #[arg(required = true, value_name = "ADDR/LEN|none")]
+        addresses: Vec<String>,
+    },
+    /// Set the VLAN id of a switch's members (0: none)
+    Vlan {
+        /// Switch
+        name: String,
+        /// VLAN id, 0 to 4094
+        id: String,
+    },
+    /// Make a switch private (guests cannot reach each other) or not
+    Private {
+        /// Switch
+        name: String,
+        /// on or off
+        value: String,
+    },
+    /// Set the MTU of a switch's bridge, members and taps
+    Mtu {
+        /// Switch
+        name: String,
+        /// MTU, 68 to 65535
+        mtu: String,
+    },
+    /// Destroy a switch (a standard switch's bridge is deleted; a manual one's stays)
+    Destroy {
+        /// Switch
         name: String,
     },
 }
@@ -299,6 +388,71 @@ mod tests {
         assert!(matches!(cli.command, Command::Startall));
         let cli = Cli::try_parse_from(["vm", "cons", "a"]).unwrap();
         assert!(matches!(cli.command, Command::Console { .. }));
+    }
+
+    #[test]
+    fn switch_commands_take_vm_bhyve_options() {
+        let cli = Cli::try_parse_from([
+            "vm",
+            "switch",
+            "create",
+            "-t",
+            "standard",
+            "-i",
+            "eth0",
+            "-n",
+            "10",
+            "-m",
+            "9000",
+            "-a",
+            "198.18.0.1/24",
+            "-a",
+            "2001:db8::1/64",
+            "-p",
+            "public",
+        ])
+        .unwrap();
+        let Command::Switch(SwitchCommand::Create {
+            kind,
+            interface,
+            vlan,
+            bridge,
+            mtu,
+            addresses,
+            private,
+            name,
+        }) = cli.command
+        else {
+            panic!("not switch create");
+        };
+        assert_eq!(
+            (
+                kind.as_deref(),
+                interface.as_deref(),
+                vlan.as_deref(),
+                bridge,
+                mtu.as_deref()
+            ),
+            (
+                Some("standard"),
+                Some("eth0"),
+                Some("10"),
+                None,
+                Some("9000")
+            )
+        );
+        assert_eq!(addresses, ["198.18.0.1/24", "2001:db8::1/64"]);
+        assert!(private);
+        assert_eq!(name, "public");
+        let cli = Cli::try_parse_from(["vm", "switch", "address", "s", "none"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Switch(SwitchCommand::Address { ref addresses, .. }) if addresses == &["none"]
+        ));
+        let cli = Cli::try_parse_from(["vm", "sw", "l"]).unwrap();
+        assert!(matches!(cli.command, Command::Switch(SwitchCommand::List)));
+        assert!(Cli::try_parse_from(["vm", "switch", "address", "s"]).is_err());
+        assert!(Cli::try_parse_from(["vm", "switch", "a", "s", "eth0"]).is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::io::{self, BufRead, Write};
 use std::path::Path;
 
-use crate::cli::{Cli, Command, DatastoreCommand};
+use crate::cli::{Cli, Command, DatastoreCommand, SwitchCommand};
 use crate::configure::{self, ConfigureError};
 use crate::create::{self, CreateError, CreateOptions};
 use crate::datastore::{self, DatastoreError, Datastores};
@@ -18,6 +18,7 @@ use crate::list;
 use crate::media::{self, MediaError, MediaKind};
 use crate::rename::{self, RenameError};
 use crate::state::{self, RunState, StateError};
+use crate::switch::{self, SwitchError};
 
 /// `vm version` output.
 pub const VERSION_LINE: &str = concat!(
@@ -50,6 +51,8 @@ pub enum CommandError {
     Lifecycle(#[from] LifecycleError),
     #[error(transparent)]
     Console(#[from] crate::console::ConsoleError),
+    #[error(transparent)]
+    Switch(#[from] SwitchError),
     #[error("writing output failed")]
     Output(#[from] io::Error),
     #[error("encoding JSON failed")]
@@ -96,8 +99,14 @@ pub fn run(cli: &Cli, io: &mut Streams<'_>) -> Result<bool, CommandError> {
             for name in &report.templates_installed {
                 tracing::info!(template = %name, "installed template");
             }
-            Ok(true)
+            // After a host reboot the bridges are gone: make every switch again.
+            let problems = switch::init_all(vm_dir, &mut switch::netcfg_opener(vm_dir))?;
+            for p in &problems {
+                io.error(p)?;
+            }
+            Ok(problems.is_empty())
         }
+        Command::Switch(sub) => run_switch(sub, vm_dir, io),
         Command::Datastore(sub) => run_datastore(sub, vm_dir, io),
         Command::Create {
             datastore,
@@ -314,6 +323,96 @@ fn run_media(
             let path = media::download(&stores, datastore, kind, url)?;
             writeln!(io.out, "{}", path.display())?;
         }
+    }
+    Ok(true)
+}
+
+fn run_switch(
+    sub: &SwitchCommand,
+    vm_dir: &Path,
+    io: &mut Streams<'_>,
+) -> Result<bool, CommandError> {
+    let mut open = switch::netcfg_opener(vm_dir);
+    match sub {
+        SwitchCommand::List | SwitchCommand::Info { .. } => {
+            let switches = switch::load(vm_dir)?;
+            let wanted: Vec<&str> = match sub {
+                SwitchCommand::Info { names } => names.iter().map(String::as_str).collect(),
+                _ => Vec::new(),
+            };
+            for name in &wanted {
+                if switches.get(name).is_none() {
+                    return Err(SwitchError::NoSwitch((*name).to_owned()).into());
+                }
+            }
+            let mut shown = switches.clone();
+            if !wanted.is_empty() {
+                shown.switches.retain(|s| wanted.contains(&s.name.as_str()));
+            }
+            // Live state through netcfg; without it (not root) only /sys tells.
+            let mut links = if shown.switches.is_empty() {
+                None
+            } else {
+                match open(switches.bridges()) {
+                    Ok(links) => Some(links),
+                    Err(e) => {
+                        io.warn(&format!(
+                            "live state unavailable: {}",
+                            crate::list::error_chain(&e)
+                        ))?;
+                        None
+                    }
+                }
+            };
+            let live = switch::live(&shown, links.as_deref_mut());
+            let text = if matches!(sub, SwitchCommand::List) {
+                switch::render_list(&live)
+            } else {
+                switch::render_info(&live)
+            };
+            io.out.write_all(text.as_bytes())?;
+            for e in &switches.errors {
+                io.error(e)?;
+            }
+            return Ok(switches.errors.is_empty());
+        }
+        SwitchCommand::Create {
+            kind,
+            interface,
+            vlan,
+            bridge,
+            mtu,
+            addresses,
+            private,
+            name,
+        } => {
+            let args = switch::CreateArgs {
+                name: name.clone(),
+                kind: kind.clone(),
+                interface: interface.clone(),
+                vlan: vlan.clone(),
+                bridge: bridge.clone(),
+                mtu: mtu.clone(),
+                addresses: addresses.clone(),
+                private: *private,
+            };
+            switch::create(vm_dir, &args, &mut open)?;
+        }
+        SwitchCommand::Add { name, interface } => {
+            switch::add(vm_dir, name, interface, &mut open)?;
+        }
+        SwitchCommand::Remove { name, interface } => {
+            switch::remove(vm_dir, name, interface, &mut open)?;
+        }
+        SwitchCommand::Address { name, addresses } => {
+            switch::address(vm_dir, name, addresses, &mut open)?;
+        }
+        SwitchCommand::Vlan { name, id } => switch::vlan(vm_dir, name, id, &mut open)?,
+        SwitchCommand::Private { name, value } => {
+            switch::private(vm_dir, name, value, &mut open)?;
+        }
+        SwitchCommand::Mtu { name, mtu } => switch::mtu(vm_dir, name, mtu, &mut open)?,
+        SwitchCommand::Destroy { name } => switch::destroy(vm_dir, name, &mut open)?,
     }
     Ok(true)
 }

@@ -111,6 +111,31 @@ pub fn generate_mac() -> Result<MacAddr, CreateError> {
     Ok(MacAddr(octets))
 }
 
+/// Gives every NIC of `config` that has no `networkN_mac` a generated one and writes it to
+/// the guest's config file (vm-bhyve does this at start), so the guest keeps its MAC from one
+/// start to the next. Returns the NIC numbers that got one.
+pub fn assign_missing_macs(
+    guest: &Guest,
+    config: &mut GuestConfig,
+) -> Result<Vec<u32>, CreateError> {
+    let mut assigned = Vec::new();
+    let mut new_macs = Vec::new();
+    for nic in config.nics.iter_mut().filter(|n| n.mac.is_none()) {
+        let mac = generate_mac()?;
+        nic.mac = Some(mac);
+        new_macs.push((format!("network{}_mac", nic.index), mac.to_string()));
+        assigned.push(nic.index);
+    }
+    if !new_macs.is_empty() {
+        conf::update_file(&guest.conf_path(), |text| {
+            new_macs.iter().try_fold(text.to_owned(), |t, (key, mac)| {
+                conf::set_value(&t, key, mac)
+            })
+        })?;
+    }
+    Ok(assigned)
+}
+
 /// One disk image to make.
 struct DiskPlan {
     path: PathBuf,
@@ -432,6 +457,34 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn a_guest_without_macs_gets_them_written_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let guest = Guest {
+            name: "g".into(),
+            datastore: "default".into(),
+            dir: dir.path().to_owned(),
+        };
+        let text = "# mine\nnetwork0_type=virtio-net\nnetwork0_mac=\"02:00:00:00:00:01\"\nnetwork1_type=virtio-net\n";
+        fs::write(guest.conf_path(), text).unwrap();
+        let mut config = GuestConfig::load(&guest.conf_path()).unwrap().config;
+
+        let assigned = assign_missing_macs(&guest, &mut config).unwrap();
+
+        assert_eq!(assigned, [1]);
+        let mac = config.nics[1].mac.unwrap();
+        assert_eq!(mac.0[..3], MAC_PREFIX);
+        let written = fs::read_to_string(guest.conf_path()).unwrap();
+        assert!(written.starts_with(text), "{written}");
+        assert!(
+            written.ends_with(&format!("network1_mac=\"{mac}\"\n")),
+            "{written}"
+        );
+        let mut again = GuestConfig::load(&guest.conf_path()).unwrap().config;
+        assert!(assign_missing_macs(&guest, &mut again).unwrap().is_empty());
+        assert_eq!(again.nics[1].mac, Some(mac));
     }
 
     #[test]

@@ -289,6 +289,8 @@ pub struct Nic {
     pub emulation: NicEmulation,
     pub switch: Option<String>,
     pub mac: Option<MacAddr>,
+    /// `networkN_device`: an existing tap to attach instead of creating one.
+    pub device: Option<String>,
 }
 
 /// `graphics_wait`.
@@ -310,6 +312,10 @@ pub struct Graphics {
     pub height: u32,
     pub wait: GraphicsWait,
     pub xhci_mouse: bool,
+    /// `vnc_password`: VNC Authentication, 1 to 8 printable ASCII characters. Never
+    /// serialised (`vm info --json`) and never logged.
+    #[serde(skip)]
+    pub password: Option<String>,
 }
 
 impl Default for Graphics {
@@ -322,6 +328,7 @@ impl Default for Graphics {
             height: DEFAULT_RES.1,
             wait: GraphicsWait::Auto,
             xhci_mouse: false,
+            password: None,
         }
     }
 }
@@ -679,6 +686,13 @@ impl Checker<'_> {
                     }
                 }),
             xhci_mouse: self.flag("xhci_mouse", false),
+            password: self.typed("vnc_password", |v| {
+                if v.is_empty() || v.len() > 8 || !v.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+                    Err("must be 1 to 8 printable ASCII characters (VNC Authentication uses at most 8)".to_owned())
+                } else {
+                    Ok(v.to_owned())
+                }
+            }),
         }
     }
 
@@ -769,6 +783,11 @@ impl Checker<'_> {
         let switch = self
             .value(&format!("network{n}_switch"))
             .map(|(v, _)| v.to_owned());
+        let device = self.typed(&format!("network{n}_device"), |v| {
+            proto::netcfg::validate_ifname(v)
+                .map(|()| v.to_owned())
+                .map_err(|e| e.to_string())
+        });
         let emulation = emulation?;
         if emulation == NicEmulation::E1000 {
             let line = self.value(&type_key).map_or(0, |(_, l)| l);
@@ -783,6 +802,7 @@ impl Checker<'_> {
             emulation,
             switch,
             mac,
+            device,
         })
     }
 }
@@ -886,6 +906,25 @@ mod tests {
     fn cpu_zero_is_an_error() {
         let errs = errors("\ncpu=0\n");
         assert!(errs[0].starts_with("/vm/g/g.conf:2: cpu: "), "{}", errs[0]);
+    }
+
+    #[test]
+    fn a_vnc_password_is_kept_out_of_json_and_bounded() {
+        let parsed = parse("graphics=\"yes\"\nvnc_password=\"s3cret\"\n").unwrap();
+        assert_eq!(parsed.config.graphics.password.as_deref(), Some("s3cret"));
+        let json = serde_json::to_string(&parsed.config.graphics).unwrap();
+        assert!(!json.contains("s3cret"), "{json}");
+        let errs = errors("vnc_password=\"123456789\"\n");
+        assert!(
+            errs[0].starts_with("/vm/g/g.conf:1: vnc_password: "),
+            "{}",
+            errs[0]
+        );
+        assert!(
+            !errs[0].contains("123456789"),
+            "the password is echoed: {}",
+            errs[0]
+        );
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct NicInfo {
     pub virtual_switch: Option<String>,
     pub fixed_mac_address: Option<String>,
     pub fixed_device: Option<String>,
+    /// The host tap of a running guest's NIC.
+    pub tap: Option<String>,
 }
 
 /// One `virtual-disk` section.
@@ -123,7 +125,7 @@ pub fn gather(guest: &Guest) -> GuestInfo {
         uuid: value(&conf, "uuid"),
         cpu: value(&conf, "cpu"),
         memory: value(&conf, "memory"),
-        network_interfaces: nics(&conf),
+        network_interfaces: nics(&conf, &guest.name, matches!(run, RunState::Running { .. })),
         virtual_disks: disks(&conf, guest),
         uptime_secs: status.map(|s| s.uptime_secs),
         processes,
@@ -133,7 +135,13 @@ pub fn gather(guest: &Guest) -> GuestInfo {
 }
 
 /// vm-bhyve's rule: interfaces run from 0 while `networkN_type` is set.
-fn nics(conf: &Conf) -> Vec<NicInfo> {
+fn nics(conf: &Conf, name: &str, running: bool) -> Vec<NicInfo> {
+    // A running guest's taps carry its name in their alias (netcfg's `capvm:GUEST:N`).
+    let taps = if running {
+        crate::switch::taps_of(name)
+    } else {
+        Vec::new()
+    };
     let mut out = Vec::new();
     for number in 0u32.. {
         let Some(emulation) = value(conf, &format!("network{number}_type")) else {
@@ -145,6 +153,15 @@ fn nics(conf: &Conf) -> Vec<NicInfo> {
             virtual_switch: value(conf, &format!("network{number}_switch")),
             fixed_mac_address: value(conf, &format!("network{number}_mac")),
             fixed_device: value(conf, &format!("network{number}_device")),
+            tap: taps
+                .iter()
+                .find(|(n, _)| *n == number)
+                .map(|(_, tap)| tap.clone())
+                .or_else(|| {
+                    running
+                        .then(|| value(conf, &format!("network{number}_device")))
+                        .flatten()
+                }),
         });
     }
     out
@@ -261,6 +278,9 @@ pub fn render_text(info: &GuestInfo) -> String {
             dash(nic.fixed_mac_address.as_ref())
         );
         let _ = writeln!(s, "    fixed-device: {}", dash(nic.fixed_device.as_ref()));
+        if let Some(tap) = &nic.tap {
+            let _ = writeln!(s, "    tap: {tap}");
+        }
     }
     for disk in &info.virtual_disks {
         let _ = writeln!(s, "\n  virtual-disk");

@@ -2,8 +2,9 @@
 //! per-VM supervisor.
 //!
 //! What it does: reads host settings (`/etc/vm.conf`) and vm-bhyve-format configs, lays out
-//! datastores (`vm init`), creates, lists, describes, renames and destroys guests, and lists or
-//! downloads install media. It starts guests ([`lifecycle`]: `vm start` checks the guest with
+//! datastores (`vm init`), creates, lists, describes, renames and destroys guests, manages
+//! virtual switches ([`switch`], applied through a sandboxed netcfg, [`netcfg_client`]), and
+//! lists or downloads install media. It starts guests ([`lifecycle`]: `vm start` checks the guest with
 //! [`preflight`], then runs the per-VM supervisor [`monitor`] detached as `vm _run NAME`) and
 //! talks to running ones over their control socket ([`control_socket`]): `vm stop`,
 //! `restart`, `reset`, `poweroff`, `console` ([`console`]), `info`, `startall`, `stopall`.
@@ -36,17 +37,21 @@ pub mod create;
 pub mod datastore;
 pub mod destroy;
 pub mod fetch;
+pub mod graphics;
 pub mod guest_config;
 pub mod host_config;
 pub mod info;
 pub mod lifecycle;
 pub mod list;
 pub mod media;
+pub mod memfd;
 pub mod monitor;
+pub mod netcfg_client;
 pub mod preflight;
 pub mod rename;
 pub mod ring;
 pub mod spawn;
 pub mod state;
+pub mod switch;
 pub mod table;
 pub mod vmlog;

@@ -65,6 +65,18 @@ pub enum LifecycleError {
     },
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("{name}: {source}")]
+    Mac {
+        name: String,
+        #[source]
+        source: crate::create::CreateError,
+    },
+    #[error("{name}: {source}")]
+    Switch {
+        name: String,
+        #[source]
+        source: Box<crate::switch::SwitchError>,
+    },
     #[error("{name} is already running{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     AlreadyRunning { name: String, pid: Option<u32> },
     #[error("{0} doesn't appear to be a running virtual machine")]
@@ -124,17 +136,32 @@ pub fn iso_path(vm_dir: &Path, iso: &str) -> PathBuf {
 /// Loads `name`'s config and checks it can boot.
 pub fn plan_guest(stores: &Datastores, name: &str) -> Result<(Guest, BootPlan), LifecycleError> {
     let guest = stores.find_guest(name)?;
-    let parsed =
+    let mut parsed =
         GuestConfig::load(&guest.conf_path()).map_err(|source| LifecycleError::Config {
             name: name.to_owned(),
             source,
         })?;
-    let plan = preflight::plan(&parsed.config, &guest.dir, preflight::host_memory()).map_err(
-        |source| LifecycleError::Preflight {
+    let preflight_err = |source| LifecycleError::Preflight {
+        name: name.to_owned(),
+        source,
+    };
+    let mut plan = preflight::plan(&parsed.config, &guest.dir, preflight::host_memory())
+        .map_err(preflight_err)?;
+    if !parsed.config.nics.is_empty() {
+        // vm-bhyve gives a NIC without a MAC one at start, and keeps it in the config.
+        crate::create::assign_missing_macs(&guest, &mut parsed.config).map_err(|source| {
+            LifecycleError::Mac {
+                name: name.to_owned(),
+                source,
+            }
+        })?;
+        let vm_dir = &stores.get(crate::datastore::DEFAULT_DATASTORE)?.path;
+        let switches = crate::switch::load(vm_dir).map_err(|source| LifecycleError::Switch {
             name: name.to_owned(),
-            source,
-        },
-    )?;
+            source: Box::new(source),
+        })?;
+        preflight::plan_network(&mut plan, &parsed.config, &switches).map_err(preflight_err)?;
+    }
     Ok((guest, plan))
 }
 
@@ -359,6 +386,7 @@ fn monitor_config(name: &str, guest: &Guest, plan: BootPlan) -> MonitorConfig {
         plan,
         runner_binary: spawn::binary_path(RUNNER_BINARY),
         dev_blk_binary: spawn::binary_path(crate::monitor::devices::DEV_BLK_BINARY),
+        dev_net_binary: spawn::binary_path(crate::monitor::devices::DEV_NET_BINARY),
     }
 }
 

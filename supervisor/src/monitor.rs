@@ -12,20 +12,25 @@
 //! `on_fault="restart"`. What the runner says is checked ([`FromRunner::validate`]): it runs
 //! guest-controlled code paths and may be compromised. A malformed message kills it.
 //!
-//! Each boot also starts a `dev-blk` per disk ([`devices`]); the supervisor watches their
-//! pidfds too, logs a device that dies, and kills and reaps them all when the boot ends.
+//! Each boot also starts a `dev-blk` per disk and a `dev-net` per NIC ([`devices`]); the
+//! supervisor watches their pidfds too, logs a device that dies, and kills and reaps them all
+//! when the boot ends. The NICs' taps are made once per run, before the first boot
+//! ([`network`]), and held until the guest ends; then they are closed and netcfg deletes what
+//! is left of them.
 //!
 //! Files: `GUEST_DIR/run.lock` (held), `GUEST_DIR/run/control.sock`, `GUEST_DIR/vm-bhyve.log`
-//! (lifecycle lines), `GUEST_DIR/vcpu-runner.log` (the runner's own `tracing` output) and
-//! `GUEST_DIR/dev-blkN.log` (disk N's device), truncated at each start and appended to by
-//! each boot of that run.
+//! (lifecycle lines), `GUEST_DIR/vcpu-runner.log` (the runner's own `tracing` output),
+//! `GUEST_DIR/dev-blkN.log` (disk N's device), `GUEST_DIR/dev-netN.log` (NIC N's device) and
+//! `GUEST_DIR/netcfg.log`, truncated at each start and appended to by each boot of that run.
 
 mod control;
 pub mod devices;
+pub mod network;
 pub mod runner;
 pub mod viewers;
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -41,6 +46,8 @@ use nix::sys::socket::{MsgFlags, recv, send};
 use proto::channel::ChannelError;
 use proto::runner::{FromRunner, GuestExit, ToRunner};
 
+use self::devices::TapRef;
+use self::network::{GuestNetwork, NETCFG_LOG_FILE, NetworkError};
 use self::runner::{BootContext, BootError, RunnerProcess};
 use self::viewers::{Input, MAX_INPUT_BACKLOG, Viewer};
 use crate::control_socket::{self, ControlSocketError};
@@ -57,6 +64,12 @@ pub const RUNNER_LOG_FILE: &str = "vcpu-runner.log";
 pub fn disk_log_file(index: u32) -> String {
     format!("dev-blk{index}.log")
 }
+
+/// The log file of NIC `index`'s dev-net in the guest directory.
+pub fn nic_log_file(index: u32) -> String {
+    format!("dev-net{index}.log")
+}
+
 /// How long a runner may take from its start to `Running`.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a runner may linger after reporting the guest's end, or after SIGKILL.
@@ -64,6 +77,27 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// `on_fault="restart"` gives up after this many fault restarts within [`FAULT_WINDOW`].
 const MAX_FAULT_RESTARTS: usize = 5;
 const FAULT_WINDOW: Duration = Duration::from_mins(1);
+/// A device process that dies more than this many times within [`DEVICE_DEATH_WINDOW`] is
+/// marked failed and not restarted again.
+pub const MAX_DEVICE_DEATHS: usize = 5;
+/// The window [`MAX_DEVICE_DEATHS`] counts in.
+pub const DEVICE_DEATH_WINDOW: Duration = Duration::from_mins(1);
+/// The delay before restarting a device after its second death within the window; it doubles
+/// with each further death, up to [`MAX_DEVICE_BACKOFF`]. The first death restarts at once.
+const DEVICE_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_DEVICE_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How long to wait before restarting a device that died for the `deaths`-th time within the
+/// window: nothing for the first, then 100 ms, 200 ms, … up to 5 s.
+pub fn device_backoff(deaths: usize) -> Duration {
+    if deaths <= 1 {
+        return Duration::ZERO;
+    }
+    let doublings = u32::try_from(deaths - 2).unwrap_or(u32::MAX).min(16);
+    DEVICE_BACKOFF
+        .saturating_mul(1 << doublings)
+        .min(MAX_DEVICE_BACKOFF)
+}
 
 /// Why the supervisor could not run the guest.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +116,8 @@ pub enum MonitorError {
     Control(#[from] ControlSocketError),
     #[error("starting the guest failed")]
     Boot(#[from] BootError),
+    #[error("setting up the guest's network failed")]
+    Network(#[from] NetworkError),
     #[error("the guest did not start: {0}")]
     NotStarted(String),
     #[error("setting up signal handling failed")]
@@ -111,6 +147,8 @@ pub struct MonitorConfig {
     pub runner_binary: PathBuf,
     /// The `dev-blk` executable.
     pub dev_blk_binary: PathBuf,
+    /// The `dev-net` executable.
+    pub dev_net_binary: PathBuf,
 }
 
 /// What the user asked for, which decides what the runner's end means.
@@ -149,6 +187,10 @@ struct Monitor<'a> {
     runner_log: File,
     /// One per disk of the plan, in its order.
     disk_logs: Vec<File>,
+    /// One per NIC of the plan, in its order.
+    nic_logs: Vec<File>,
+    /// The NICs' taps, for the whole run.
+    network: GuestNetwork,
     listener: OwnedFd,
     signals: SignalFd,
     console: Console,
@@ -231,16 +273,23 @@ fn start_and_watch(
         .iter()
         .map(|d| open_log(&cfg.guest_dir.join(disk_log_file(d.index))))
         .collect::<Result<Vec<_>, _>>()?;
+    let nic_logs = cfg
+        .plan
+        .nics
+        .iter()
+        .map(|n| open_log(&cfg.guest_dir.join(nic_log_file(n.index))))
+        .collect::<Result<Vec<_>, _>>()?;
     let signals = block_signals()?;
-    let disk_log_fds: Vec<_> = disk_logs.iter().map(AsFd::as_fd).collect();
-    let ctx = BootContext {
-        name: &cfg.name,
-        runner_binary: &cfg.runner_binary,
-        runner_log: runner_log.as_fd(),
-        dev_blk_binary: &cfg.dev_blk_binary,
-        disk_logs: &disk_log_fds,
+    let network = match start_network(&cfg, log) {
+        Ok(network) => network,
+        Err(e) => {
+            let text = crate::list::error_chain(&e);
+            log.line(&format!("failed to set up the network: {text}"));
+            on_started(Err(text));
+            return Err(e);
+        }
     };
-    let runner = match runner::boot(&cfg.plan, &ctx) {
+    let runner = match boot(&cfg, &runner_log, &disk_logs, &nic_logs, &network) {
         Ok(r) => r,
         Err(e) => {
             let text = crate::list::error_chain(&e);
@@ -249,8 +298,7 @@ fn start_and_watch(
             return Err(e.into());
         }
     };
-    log_boot(log, &cfg, &runner);
-    drop(disk_log_fds);
+    log_boot(log, &cfg, &runner, &network);
     let mut viewers = Vec::new();
     if let Some((input, output)) = terminal {
         viewers.push(Viewer::terminal(input, output));
@@ -260,6 +308,8 @@ fn start_and_watch(
         log,
         runner_log,
         disk_logs,
+        nic_logs,
+        network,
         listener,
         signals,
         console: Console {
@@ -284,7 +334,82 @@ fn start_and_watch(
     for viewer in &mut monitor.console.viewers {
         viewer.flush();
     }
+    monitor.runner.stop_devices();
+    let had_taps = !monitor.network.taps.is_empty();
+    let deleted = monitor.network.stop();
+    if had_taps {
+        let mut line = "network stopped, taps closed".to_owned();
+        if !deleted.is_empty() {
+            let _ = write!(line, " (netcfg deleted {})", deleted.join(", "));
+        }
+        monitor.log.line(&line);
+    }
     outcome
+}
+
+/// Makes the NICs' taps for this run (none without NICs) and logs them.
+fn start_network(cfg: &MonitorConfig, log: &mut VmLog) -> Result<GuestNetwork, MonitorError> {
+    if cfg.plan.nics.is_empty() {
+        return Ok(GuestNetwork::default());
+    }
+    let netcfg_log = GuestNetwork::needs_netcfg(&cfg.plan)
+        .then(|| open_log(&cfg.guest_dir.join(NETCFG_LOG_FILE)))
+        .transpose()?;
+    let (network, deleted) =
+        GuestNetwork::start(&cfg.name, &cfg.plan, netcfg_log.as_ref().map(AsFd::as_fd))?;
+    if !deleted.is_empty() {
+        log.line(&format!(
+            "deleted taps an earlier run left: {}",
+            deleted.join(", ")
+        ));
+    }
+    for (tap, nic) in network.taps.iter().zip(&cfg.plan.nics) {
+        let on = match &nic.backend {
+            crate::preflight::NicBackend::Tap {
+                switch: Some(switch),
+                bridge: Some(bridge),
+                ..
+            } => format!(" on switch {switch} ({bridge})"),
+            crate::preflight::NicBackend::Tap { .. } => " on no switch".to_owned(),
+            crate::preflight::NicBackend::Device { .. } => " (networkN_device)".to_owned(),
+        };
+        log.line(&format!(
+            "network{}: tap {}{on}, mtu {}",
+            tap.index, tap.name, tap.mtu
+        ));
+    }
+    Ok(network)
+}
+
+/// Starts one boot: its devices and its runner, with the run's logs and taps.
+fn boot(
+    cfg: &MonitorConfig,
+    runner_log: &File,
+    disk_logs: &[File],
+    nic_logs: &[File],
+    network: &GuestNetwork,
+) -> Result<RunnerProcess, BootError> {
+    let disk_log_fds: Vec<_> = disk_logs.iter().map(AsFd::as_fd).collect();
+    let nic_log_fds: Vec<_> = nic_logs.iter().map(AsFd::as_fd).collect();
+    let taps: Vec<TapRef<'_>> = network
+        .taps
+        .iter()
+        .map(|t| TapRef {
+            fd: t.fd.as_fd(),
+            mtu: t.mtu,
+        })
+        .collect();
+    let ctx = BootContext {
+        name: &cfg.name,
+        runner_binary: &cfg.runner_binary,
+        runner_log: runner_log.as_fd(),
+        dev_blk_binary: &cfg.dev_blk_binary,
+        dev_net_binary: &cfg.dev_net_binary,
+        disk_logs: &disk_log_fds,
+        nic_logs: &nic_log_fds,
+        taps: &taps,
+    };
+    runner::boot(&cfg.plan, &ctx)
 }
 
 /// Opens a child's log file, truncated.
@@ -303,14 +428,24 @@ fn open_log(path: &std::path::Path) -> Result<File, MonitorError> {
 }
 
 /// The `vm-bhyve.log` lines of a boot: its devices, then its runner.
-fn log_boot(log: &mut VmLog, cfg: &MonitorConfig, runner: &RunnerProcess) {
-    for (device, disk) in runner.devices.iter().zip(&cfg.plan.disks) {
+fn log_boot(log: &mut VmLog, cfg: &MonitorConfig, runner: &RunnerProcess, network: &GuestNetwork) {
+    let mut devices = runner.devices.iter();
+    // Disks first in the zip: it stops at the last disk without taking a NIC's device.
+    for (disk, device) in cfg.plan.disks.iter().zip(devices.by_ref()) {
         let ro = if disk.read_only { ", read-only" } else { "" };
         log.line(&format!(
             "starting {} (pid {}) for {}{ro}",
             device.name,
             device.pid(),
             disk.path.display()
+        ));
+    }
+    for (device, tap) in devices.zip(&network.taps) {
+        log.line(&format!(
+            "starting {} (pid {}) for tap {}",
+            device.name,
+            device.pid(),
+            tap.name
         ));
     }
     log.line(&format!("starting vcpu-runner (pid {})", runner.pid()));
@@ -426,7 +561,13 @@ impl Monitor<'_> {
             Intent::Stop { deadline, .. } | Intent::Restart { deadline, .. } => deadline,
             _ => None,
         };
-        [self.boot_deadline, self.exit_deadline, stop]
+        let restart = self
+            .runner
+            .devices
+            .iter()
+            .filter_map(|d| d.restart_at)
+            .min();
+        [self.boot_deadline, self.exit_deadline, stop, restart]
             .into_iter()
             .flatten()
             .min()
@@ -445,6 +586,12 @@ impl Monitor<'_> {
         if self.exit_deadline.is_some_and(|d| now >= d) {
             self.exit_deadline = None;
             self.runner.kill();
+        }
+        for i in 0..self.runner.devices.len() {
+            if self.runner.devices[i].restart_at.is_some_and(|d| now >= d) {
+                self.runner.devices[i].restart_at = None;
+                self.restart_device(i);
+            }
         }
         match self.intent {
             Intent::Stop {
@@ -576,8 +723,11 @@ impl Monitor<'_> {
         }
     }
 
-    /// A device process of this boot ended on its own: log it; the guest runs on without it
-    /// (restarting devices is not done yet).
+    /// A device process of this boot ended on its own: log why, then restart it (at once the
+    /// first time, with a growing delay after that) unless it died more than
+    /// [`MAX_DEVICE_DEATHS`] times within [`DEVICE_DEATH_WINDOW`]; then it is marked failed,
+    /// the runner is told (the driver sees the device needing a reset) and the guest runs on
+    /// without it.
     fn on_device_exit(&mut self, i: usize) {
         let Some(device) = self.runner.devices.get_mut(i) else {
             return;
@@ -596,6 +746,95 @@ impl Monitor<'_> {
         let line = format!("{} (pid {}) died: {status}", device.name, device.pid());
         tracing::warn!(device = %device.name, %status, "device process died");
         self.log.line(&line);
+        if self.runner.exit.is_some() || self.runner.killed || self.runner.channel.is_none() {
+            // The boot is ending anyway.
+            return;
+        }
+        self.device_died(i);
+    }
+
+    /// Counts a death of device `i` and schedules its restart, or fails it.
+    fn device_died(&mut self, i: usize) {
+        let Some(device) = self.runner.devices.get_mut(i) else {
+            return;
+        };
+        let now = Instant::now();
+        device.deaths.push_back(now);
+        while device
+            .deaths
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > DEVICE_DEATH_WINDOW)
+        {
+            device.deaths.pop_front();
+        }
+        if device.deaths.len() > MAX_DEVICE_DEATHS {
+            device.failed = true;
+            device.restart_at = None;
+            let line = format!(
+                "{} died {} times within {} s: marked failed, not restarted again",
+                device.name,
+                device.deaths.len(),
+                DEVICE_DEATH_WINDOW.as_secs()
+            );
+            tracing::error!(device = %device.name, "device failed");
+            self.log.line(&line);
+            self.send_to_runner(
+                &ToRunner::DeviceFailed {
+                    index: u16::try_from(i).unwrap_or(u16::MAX),
+                },
+                None,
+            );
+            return;
+        }
+        device.restart_at = now.checked_add(device_backoff(device.deaths.len()));
+    }
+
+    /// Starts device `i` again and hands the runner its new channel.
+    fn restart_device(&mut self, i: usize) {
+        let memory = self.runner.memory.as_fd();
+        let Some(device) = self.runner.devices.get_mut(i) else {
+            return;
+        };
+        if device.status.is_none() || device.failed {
+            return;
+        }
+        let started = Instant::now();
+        match device.respawn(memory) {
+            Ok(runner_end) => {
+                let line = format!(
+                    "{} restarted (pid {}, restart {}, {} ms)",
+                    device.name,
+                    device.pid(),
+                    device.restarts,
+                    started.elapsed().as_millis()
+                );
+                tracing::info!(device = %device.name, pid = device.pid(), "device restarted");
+                self.log.line(&line);
+                let index = u16::try_from(i).unwrap_or(u16::MAX);
+                self.send_to_runner(&ToRunner::ReplaceDevice { index }, Some(runner_end.as_fd()));
+            }
+            Err(e) => {
+                let line = format!(
+                    "restarting {} failed: {}",
+                    device.name,
+                    crate::list::error_chain(&e)
+                );
+                self.log.line(&line);
+                self.device_died(i);
+            }
+        }
+    }
+
+    /// Sends `msg` (with `fd`) to the runner; a failure is logged (the runner's own end is
+    /// judged by its pidfd and channel).
+    fn send_to_runner(&mut self, msg: &ToRunner, fd: Option<std::os::fd::BorrowedFd<'_>>) {
+        let Some(channel) = &self.runner.channel else {
+            return;
+        };
+        let fds: Vec<_> = fd.into_iter().collect();
+        if let Err(e) = channel.send(msg, &fds) {
+            tracing::warn!(error = %e, "telling the runner about a device failed");
+        }
     }
 
     /// The runner's process ended: decide between booting again and ending.
@@ -703,20 +942,17 @@ impl Monitor<'_> {
 
     /// Boots the guest again in place: a new runner, new guest RAM, a new console stream.
     fn reboot(&mut self) -> Option<Outcome> {
-        let disk_log_fds: Vec<_> = self.disk_logs.iter().map(AsFd::as_fd).collect();
-        let ctx = BootContext {
-            name: &self.cfg.name,
-            runner_binary: &self.cfg.runner_binary,
-            runner_log: self.runner_log.as_fd(),
-            dev_blk_binary: &self.cfg.dev_blk_binary,
-            disk_logs: &disk_log_fds,
-        };
-        let booted = runner::boot(&self.cfg.plan, &ctx);
-        drop(disk_log_fds);
+        let booted = boot(
+            &self.cfg,
+            &self.runner_log,
+            &self.disk_logs,
+            &self.nic_logs,
+            &self.network,
+        );
         match booted {
             Ok(runner) => {
                 self.restarts = self.restarts.saturating_add(1);
-                log_boot(self.log, &self.cfg, &runner);
+                log_boot(self.log, &self.cfg, &runner, &self.network);
                 self.runner = runner;
                 self.intent = Intent::Run;
                 self.console.eof = false;

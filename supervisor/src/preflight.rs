@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use proto::runner::{MAX_CMDLINE_BYTES, MAX_CPUS, MIN_MEMORY_BYTES};
 
-use crate::guest_config::{DiskDev, DiskEmulation, GuestConfig, Loader, OnFault};
+use crate::guest_config::{DiskDev, DiskEmulation, GuestConfig, Loader, NicEmulation, OnFault};
+use crate::switch::config::Switches;
 
 /// Guest RAM when the config sets none (vm-bhyve's default).
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
@@ -30,6 +31,11 @@ pub const DEFAULT_SECTOR_SIZE: u32 = 512;
 /// Most disks of one guest, install media included (one PCI slot each after the host bridge,
 /// and [`proto::bootstrap::MAX_DEVICE_INDEX`]).
 pub const MAX_DISKS: usize = 16;
+
+/// Most NICs of one guest.
+pub const MAX_NICS: usize = 8;
+/// The MTU of a NIC whose switch sets none.
+pub const DEFAULT_MTU: u32 = 1500;
 
 /// Why a guest cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +92,41 @@ pub enum PreflightError {
     IsoNotFile(PathBuf),
     #[error("the guest has more than {MAX_DISKS} disks")]
     TooManyDisks,
+    #[error("network{index}: {what} is not supported (capvm serves virtio-net NICs only)")]
+    NicUnsupported { index: u32, what: &'static str },
+    #[error("network{index}: switch {switch} does not exist (see vm switch list)")]
+    NoSwitch { index: u32, switch: String },
+    #[error("network{index}: switch {switch} is misconfigured in system.conf (see vm switch list)")]
+    BadSwitch { index: u32, switch: String },
+    #[error("network{index}: networkN_device {device} does not exist (create the tap first)")]
+    NicDeviceMissing { index: u32, device: String },
+    #[error("network{index} has no MAC address")]
+    NoMac { index: u32 },
+    #[error("the guest has more than {MAX_NICS} NICs")]
+    TooManyNics,
+}
+
+/// What backs a NIC on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicBackend {
+    /// A tap netcfg creates for this boot, attached to `bridge` (the NIC's switch's) if any.
+    Tap {
+        switch: Option<String>,
+        bridge: Option<String>,
+        /// The switch's MTU; `None`: the bridge's (or the default).
+        mtu: Option<u32>,
+    },
+    /// `networkN_device`: an existing tap the supervisor attaches to (vm-bhyve #570).
+    Device { name: String },
+}
+
+/// One NIC of a boot: what the supervisor opens and what it tells the NIC's dev-net.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicPlan {
+    /// The `N` of `networkN`; NICs follow the disks on the PCI bus in this order.
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub backend: NicBackend,
 }
 
 /// One disk of a boot: what the supervisor opens and what it tells the disk's dev-blk.
@@ -119,6 +160,10 @@ pub struct BootPlan {
     pub stop_timeout: u32,
     /// The disks in PCI order.
     pub disks: Vec<DiskPlan>,
+    /// The NICs, after the disks in PCI order ([`plan_network`]).
+    pub nics: Vec<NicPlan>,
+    /// Every switch's bridge: what the guest's netcfg may touch.
+    pub bridges: Vec<String>,
 }
 
 impl BootPlan {
@@ -285,7 +330,74 @@ pub fn plan(
         on_fault: config.on_fault,
         stop_timeout: config.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT),
         disks,
+        nics: Vec::new(),
+        bridges: Vec::new(),
     })
+}
+
+/// Checks the NICs of `config` against the datastore's `switches` and the host, and adds
+/// them to `plan`: each is virtio-net, has a MAC (see [`crate::create::assign_missing_macs`]),
+/// names a switch that exists and is valid, or an existing tap (`networkN_device`).
+pub fn plan_network(
+    plan: &mut BootPlan,
+    config: &GuestConfig,
+    switches: &Switches,
+) -> Result<(), PreflightError> {
+    if config.nics.len() > MAX_NICS {
+        return Err(PreflightError::TooManyNics);
+    }
+    let mut nics = Vec::new();
+    for nic in &config.nics {
+        let index = nic.index;
+        if nic.emulation != NicEmulation::VirtioNet {
+            return Err(PreflightError::NicUnsupported {
+                index,
+                what: "networkN_type=e1000",
+            });
+        }
+        let mac = nic.mac.ok_or(PreflightError::NoMac { index })?.0;
+        let backend = if let Some(device) = &nic.device {
+            if !Path::new("/sys/class/net").join(device).exists() {
+                return Err(PreflightError::NicDeviceMissing {
+                    index,
+                    device: device.clone(),
+                });
+            }
+            NicBackend::Device {
+                name: device.clone(),
+            }
+        } else if let Some(name) = &nic.switch {
+            if switches.failed.iter().any(|f| f == name) {
+                return Err(PreflightError::BadSwitch {
+                    index,
+                    switch: name.clone(),
+                });
+            }
+            let sw = switches.get(name).ok_or_else(|| PreflightError::NoSwitch {
+                index,
+                switch: name.clone(),
+            })?;
+            NicBackend::Tap {
+                switch: Some(sw.name.clone()),
+                bridge: Some(sw.bridge.clone()),
+                mtu: sw.mtu,
+            }
+        } else {
+            NicBackend::Tap {
+                switch: None,
+                bridge: None,
+                mtu: None,
+            }
+        };
+        nics.push(NicPlan {
+            index,
+            mac,
+            backend,
+        });
+    }
+    plan.nics = nics;
+    plan.bridges = switches.bridges();
+    Ok(())
 }
 
 /// Checks that `path` is a regular file with a bzImage setup header of protocol 2.06 or later.
@@ -560,6 +672,96 @@ mod tests {
             plan.attach_install_media(&dir.path().join("nope.iso")),
             Err(PreflightError::IsoMissing(_))
         ));
+    }
+
+    fn switches(text: &str) -> Switches {
+        Switches::from_conf(&Conf::parse(text), Path::new("/vm/.config/system.conf"))
+    }
+
+    fn nic_plan(nics: &str, system: &str) -> Result<BootPlan, PreflightError> {
+        let dir = tempfile::tempdir().unwrap();
+        let c = disk_guest(dir.path(), nics);
+        let mut p = plan(&c, dir.path(), 1 << 30).unwrap();
+        plan_network(&mut p, &c, &switches(system)).map(|()| p)
+    }
+
+    #[test]
+    fn nics_are_planned_on_their_switch_with_its_mtu() {
+        let p = nic_plan(
+            "network0_type=virtio-net\nnetwork0_switch=public\nnetwork0_mac=58:9c:fc:00:00:01\nnetwork1_type=virtio-net\nnetwork1_mac=58:9c:fc:00:00:02\n",
+            "switch_list=\"public lab\"\nmtu_public=9000\ntype_lab=manual\nbridge_lab=br0\n",
+        )
+        .unwrap();
+        assert_eq!(p.bridges, ["vm-public", "br0"]);
+        assert_eq!(
+            p.nics,
+            [
+                NicPlan {
+                    index: 0,
+                    mac: [0x58, 0x9c, 0xfc, 0, 0, 1],
+                    backend: NicBackend::Tap {
+                        switch: Some("public".into()),
+                        bridge: Some("vm-public".into()),
+                        mtu: Some(9000)
+                    }
+                },
+                NicPlan {
+                    index: 1,
+                    mac: [0x58, 0x9c, 0xfc, 0, 0, 2],
+                    backend: NicBackend::Tap {
+                        switch: None,
+                        bridge: None,
+                        mtu: None
+                    }
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn e1000_unknown_or_broken_switches_and_missing_devices_are_refused() {
+        let mac = "network0_mac=58:9c:fc:00:00:01\n";
+        let err = nic_plan(&format!("network0_type=e1000\n{mac}"), "").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "network0: networkN_type=e1000 is not supported (capvm serves virtio-net NICs only)"
+        );
+        let err = nic_plan(
+            &format!("network0_type=virtio-net\nnetwork0_switch=nope\n{mac}"),
+            "switch_list=public\n",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, PreflightError::NoSwitch { index: 0, .. }),
+            "{err}"
+        );
+        let err = nic_plan(
+            &format!("network0_type=virtio-net\nnetwork0_switch=public\n{mac}"),
+            "switch_list=public\nvlan_public=x\n",
+        )
+        .unwrap_err();
+        assert!(matches!(err, PreflightError::BadSwitch { .. }), "{err}");
+        let err = nic_plan(
+            &format!("network0_type=virtio-net\nnetwork0_device=capvm-nosuch0\n{mac}"),
+            "",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, PreflightError::NicDeviceMissing { .. }),
+            "{err}"
+        );
+        let err = nic_plan("network0_type=virtio-net\n", "").unwrap_err();
+        assert!(matches!(err, PreflightError::NoMac { index: 0 }), "{err}");
+    }
+
+    #[test]
+    fn an_existing_device_needs_no_switch() {
+        let p = nic_plan(
+            "network0_type=virtio-net\nnetwork0_device=lo\nnetwork0_mac=58:9c:fc:00:00:01\n",
+            "",
+        )
+        .unwrap();
+        assert_eq!(p.nics[0].backend, NicBackend::Device { name: "lo".into() });
     }
 
     #[test]

@@ -960,6 +960,18 @@ fn startall_and_stopall_follow_vm_list() {
     }
 }
 
+/// Polls `f` until it returns a value, at most `timeout`.
+fn wait_for_value<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A guest with two disks: `disk0.img` (writable, 4K sectors) and `disk1.img` (`ro`), each
 /// starting with a text the fake dev-blk reports.
 fn disk_guest(env: &Env, name: &str) -> PathBuf {
@@ -1024,7 +1036,7 @@ fn each_disk_gets_a_dev_blk_in_pci_order_with_its_options() {
 }
 
 #[test]
-fn a_dead_dev_blk_is_logged_and_the_guest_runs_on_and_reboots_get_new_ones() {
+fn a_dead_dev_blk_is_restarted_at_once_and_reboots_get_new_ones() {
     if skip_unless_root() {
         return;
     }
@@ -1042,8 +1054,21 @@ fn a_dead_dev_blk_is_logged_and_the_guest_runs_on_and_reboots_get_new_ones() {
     .unwrap();
     let died = format!(": dev-blk1 (pid {}) died: killed by SIGKILL\n", first[1].1);
     wait_until(Duration::from_secs(5), || env.log("g").contains(&died));
+    // The runner gets the new process's channel, and the new process its old disk.
+    console.wait_for("fake: device 1 replaced: serial=5a1c0e2f-d1 ro=true");
+    assert!(
+        env.log("g").contains(": dev-blk1 restarted (pid "),
+        "{}",
+        env.log("g")
+    );
     assert!(env.running_pid("g").is_some());
-    assert_eq!(device_pids(&env, "g"), vec![first[0].clone()]);
+    let after = env.processes("g");
+    let blk1: Vec<_> = after.iter().filter(|(r, ..)| r == "dev-blk1").collect();
+    assert_eq!(blk1.len(), 1, "{after:?}");
+    assert_ne!(blk1[0].1, first[1].1, "a new process");
+    assert!(alive(blk1[0].1));
+    assert_eq!(blk1[0].2, 1, "vm info counts the restart: {after:?}");
+    assert_eq!(device_pids(&env, "g")[0], first[0], "dev-blk0 untouched");
 
     console.type_text("reboot\n");
     wait_until(Duration::from_secs(10), || {
@@ -1054,9 +1079,65 @@ fn a_dead_dev_blk_is_logged_and_the_guest_runs_on_and_reboots_get_new_ones() {
     assert!(
         second
             .iter()
-            .all(|(_, pid)| !first.iter().any(|(_, p)| p == pid))
+            .all(|(_, pid)| !first.iter().any(|(_, p)| p == pid) && *pid != blk1[0].1)
     );
     wait_until(Duration::from_secs(5), || !alive(first[0].1));
+    env.ok(&["poweroff", "-f", "g"]);
+}
+
+#[test]
+fn a_dev_blk_that_keeps_dying_is_failed_after_the_limit_and_the_guest_runs_on() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    disk_guest(&env, "g");
+    env.ok(&["start", "g"]);
+    let mut console = Session::start(env.command(&["console", "g"]));
+    console.wait_for("fake: ready");
+    // Five restarts (at once, then after 100, 200, 400, 800 ms), then the sixth death fails it.
+    for kill in 1..=6 {
+        let pid = wait_for_value(Duration::from_secs(5), || {
+            env.processes("g")
+                .into_iter()
+                .find(|(r, pid, _)| r == "dev-blk0" && *pid != 0)
+                .map(|(_, pid, _)| pid)
+        });
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let died = format!(": dev-blk0 (pid {pid}) died: killed by SIGKILL\n");
+        wait_until(Duration::from_secs(5), || env.log("g").contains(&died));
+        if kill < 6 {
+            wait_until(Duration::from_secs(5), || {
+                console.output().matches("fake: device 0 replaced").count() == kill
+            });
+        }
+    }
+    console.wait_for("fake: device 0 failed");
+    assert!(
+        env.log("g")
+            .contains(": dev-blk0 died 6 times within 60 s: marked failed"),
+        "{}",
+        env.log("g")
+    );
+    let procs = env.processes("g");
+    let failed: Vec<_> = procs
+        .iter()
+        .filter(|(r, ..)| r == "dev-blk0:failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{procs:?}");
+    assert_eq!((failed[0].1, failed[0].2), (0, 5), "no pid, five restarts");
+    // The guest and the other disk run on.
+    console.type_text("still here\n");
+    console.wait_for("echo: still here");
+    assert!(
+        procs
+            .iter()
+            .any(|(r, pid, _)| r == "dev-blk1" && alive(*pid))
+    );
     env.ok(&["poweroff", "-f", "g"]);
 }
 

@@ -73,6 +73,27 @@ pub enum Route {
     Skip(String),
 }
 
+/// Guests with virtio-pci devices are not reliable inside the emulated test host: measured
+/// there (QEMU TCG emulating AMD SVM, the test host's KVM nested on it), about one test in
+/// seven ended in a triple fault with nothing on the console or hung before the kit's marker,
+/// while the same tests passed in between, and guests without PCI devices (`lifecycle.rs`,
+/// `runner_boot.rs`) are steady there. QEMU's own q35 guests with virtio-pci behave the same way
+/// there (`boot_reference.rs`). So the e2e tests of disks and NICs run where /dev/kvm runs
+/// guests directly, and inside the test host only when asked (`CAPVM_E2E_NESTED_PCI=1`); the
+/// device processes themselves are tested without KVM (`dev_blk.rs`, `dev_net.rs`).
+pub fn nested_pci_skip() -> anyhow::Result<()> {
+    if std::env::var_os("CAPVM_IN_TESTHOST").is_some()
+        && std::env::var_os("CAPVM_E2E_NESTED_PCI").is_none()
+    {
+        return Err(skip(
+            "virtio-pci guests under nested SVM in the emulated test host triple-fault or hang \
+             about one test in seven (measured); runs where /dev/kvm runs guests directly, or \
+             here with CAPVM_E2E_NESTED_PCI=1",
+        ));
+    }
+    Ok(())
+}
+
 /// Decides the route from the facts (pure, so it can be tested).
 pub fn decide(is_root: bool, verdict: Result<(Verdict, String), String>) -> Route {
     if !is_root {

@@ -26,6 +26,7 @@ pub mod kit;
 pub mod launcher;
 pub mod marker;
 pub mod procfs;
+pub mod rfb_client;
 pub mod testhost;
 pub mod testvm;
 pub mod virtio_driver;

@@ -104,7 +104,7 @@ fn spawn_device(
     let mut fds = vec![log_fd.as_fd(), ram.fd(), disk_fd.as_fd(), theirs.as_fd()];
     fds.extend(inflight);
     let running = spawn::spawn(&tests::harness::build_dir().join("dev-blk"), &boot, &fds)
-    .expect("spawn dev-blk (run `cargo build -p dev-blk` first)");
+        .expect("spawn dev-blk (run `cargo build -p dev-blk` first)");
     drop(theirs);
     let setup = DeviceSetup::Block(BlockSetup {
         memory: vec![MemoryRegion {
@@ -152,8 +152,7 @@ impl Harness {
         disk.as_file().sync_all().expect("sync image");
         let disk_path = device(disk.path());
         let log = tempfile::NamedTempFile::new().expect("log file");
-        let (running, runner, info) =
-            spawn_device(&ram, &disk_path, read_only, queues, &log, None);
+        let (running, runner, info) = spawn_device(&ram, &disk_path, read_only, queues, &log, None);
         let mut h = Harness {
             running: Some(running),
             runner,
@@ -798,12 +797,12 @@ fn a_device_killed_mid_queue_completes_every_request_exactly_once() {
     // The supervisor's in-flight region lets each new incarnation replay what the killed one
     // had taken but not completed: no request is lost, none completes twice, and the image
     // holds every write.
-    if skip_unless_root() {
-        return;
-    }
     const TOTAL: u64 = 3000;
     const DEPTH: usize = 32;
     const SECTORS: u64 = 2048;
+    if skip_unless_root() {
+        return;
+    }
     let mut h = Harness::start_with_inflight(1, (SECTORS * 512) as usize);
     h.queues[0].set_event_idx(h.info.features & EVENT_IDX != 0);
     // Request n writes 512 bytes of (n % 251) to sector n % SECTORS (later writes win).
@@ -837,12 +836,18 @@ fn a_device_killed_mid_queue_completes_every_request_exactly_once() {
     while done < TOTAL {
         let ram = &h.ram;
         let used = h.queues[0].wait_some(ram, WAIT).unwrap_or_else(|e| {
-            panic!("stalled after {done} requests, {kills} kills: {e}; log:\n{}", h.log_text())
+            panic!(
+                "stalled after {done} requests, {kills} kills: {e}; log:\n{}",
+                h.log_text()
+            )
         });
         for u in used {
             let s = u.id as usize / 3;
             let Some(n) = outstanding.get_mut(s).and_then(Option::take) else {
-                panic!("head {} completed twice (slot {s}), after {kills} kills", u.id);
+                panic!(
+                    "head {} completed twice (slot {s}), after {kills} kills",
+                    u.id
+                );
             };
             let (_, status, _) = Harness::slot(0, s);
             assert_eq!(h.ram.read_u8(status), S_OK, "request {n}");
@@ -870,10 +875,20 @@ fn a_device_killed_mid_queue_completes_every_request_exactly_once() {
     let image = h.image();
     for sector in 0..SECTORS {
         let last = (0..TOTAL).rev().find(|n| n % SECTORS == sector);
-        let want = last.map_or_else(|| pattern(SECTORS as usize * 512)[sector as usize * 512], |n| (n % 251) as u8);
+        let want = last.map_or_else(
+            || pattern(SECTORS as usize * 512)[sector as usize * 512],
+            |n| (n % 251) as u8,
+        );
         let got = &image[sector as usize * 512..(sector as usize + 1) * 512];
-        assert!(got.iter().all(|&b| b == want), "sector {sector}: want {want:#x}, got {:#x}", got[0]);
+        assert!(
+            got.iter().all(|&b| b == want),
+            "sector {sector}: want {want:#x}, got {:#x}",
+            got[0]
+        );
     }
     let log = h.log_text();
-    assert!(log.contains("resuming the queue after a restart"), "log:\n{log}");
+    assert!(
+        log.contains("resuming the queue after a restart"),
+        "log:\n{log}"
+    );
 }

@@ -54,6 +54,12 @@ fn main() -> ExitCode {
             run: read_write_sigkill,
         },
         E2e {
+            name: "a_dev_blk_killed_three_times_under_guest_io_loses_nothing",
+            needs: Needs::Kvm,
+            timeout: minutes(6),
+            run: killed_dev_blk,
+        },
+        E2e {
             name: "a_read_only_second_disk_refuses_writes_and_discard_frees_blocks",
             needs: Needs::Kvm,
             timeout: minutes(5),
@@ -176,27 +182,6 @@ fn start(
     Ok(vm)
 }
 
-/// Guests with virtio-pci devices are not reliable inside the emulated test host: measured
-/// there (QEMU TCG emulating AMD SVM, the test host's KVM nested on it), about one boot in
-/// three to ten ended in a triple fault with nothing on the console, hung before the kit's
-/// marker, or killed the test host itself, while the same tests passed in between and guests
-/// without PCI devices (`lifecycle.rs`, `runner_boot.rs`) are steady there. QEMU's own q35
-/// guests with virtio-pci behave the same way there (`boot_reference.rs`). So these tests run
-/// where /dev/kvm runs guests directly, and inside the test host only when asked
-/// (`CAPVM_E2E_NESTED_PCI=1`); dev-blk itself is tested without KVM in `dev_blk.rs`.
-fn nested_pci_skip() -> anyhow::Result<()> {
-    if std::env::var_os("CAPVM_IN_TESTHOST").is_some()
-        && std::env::var_os("CAPVM_E2E_NESTED_PCI").is_none()
-    {
-        return Err(tests::harness::skip(
-            "virtio-pci guests under nested SVM in the emulated test host triple-fault, hang \
-             or kill it (measured); runs where /dev/kvm runs guests directly, or here with \
-             CAPVM_E2E_NESTED_PCI=1",
-        ));
-    }
-    Ok(())
-}
-
 /// Runs `attempt` once more if its guest triple-faulted inside the emulated test host.
 ///
 /// Measured there (QEMU TCG emulating SVM, nested KVM): about one guest boot in ten with
@@ -261,7 +246,7 @@ fn supervisor_of(vm: &TestVm) -> anyhow::Result<u32> {
 
 /// (a) + (c): one guest, one 4K-sector disk.
 fn read_write_sigkill() -> anyhow::Result<()> {
-    nested_pci_skip()?;
+    harness::nested_pci_skip()?;
     nested_fault_retry(|| {
         let mut vm = None;
         read_write_sigkill_in(&mut vm).map_err(|e| match &vm {
@@ -377,6 +362,119 @@ fn read_write_sigkill_in(slot: &mut Option<TestVm>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Issue 8: while the guest writes, reads back and compares a pattern over `/dev/vda` in a
+/// loop (direct I/O, so every round trip reaches dev-blk), SIGKILL dev-blk three times. The
+/// supervisor restarts it each time, the new process replays what was in flight: the guest's
+/// loop sees no error, its kernel logs no I/O error, and the image holds the last pattern.
+fn killed_dev_blk() -> anyhow::Result<()> {
+    harness::nested_pci_skip()?;
+    nested_fault_retry(|| {
+        let mut vm = None;
+        killed_dev_blk_in(&mut vm).map_err(|e| match &vm {
+            Some(vm) => (triple_faulted(vm), with_logs(vm, e)),
+            None => (false, e),
+        })
+    })
+}
+
+fn killed_dev_blk_in(slot: &mut Option<TestVm>) -> anyhow::Result<()> {
+    const ROUNDS: u32 = 40;
+    let image = Image {
+        name: "disk0.img",
+        size: DISK_BYTES,
+        data: Vec::new(),
+    };
+    let vm = start(
+        vec![image],
+        "disk0_type=\"virtio-blk\"\ndisk0_name=\"disk0.img\"\n",
+        None,
+    )?;
+    let vm = slot.insert(vm);
+    let path = guest_dir(vm.workdir()).join("disk0.img");
+    // Round r writes 1 MiB of the byte (r % 200 + 32) at 1 MiB · (r % 8), reads it back and
+    // compares; any error ends the loop with LOOP-ERROR.
+    run_ok(
+        vm,
+        &format!(
+            "(r=1; while [ $r -le {ROUNDS} ]; do \
+               c=$(printf '%03o' $((r % 200 + 32))); \
+               dd if=/dev/zero bs=65536 count=16 2>/dev/null | tr '\\000' \"\\\\$c\" > /tmp/p || break; \
+               dd if=/tmp/p of=/dev/vda bs=65536 seek=$((16 * (r % 8))) oflag=direct 2>/tmp/err || {{ echo LOOP-ERROR write $r; cat /tmp/err; break; }}; \
+               dd if=/dev/vda of=/tmp/q bs=65536 skip=$((16 * (r % 8))) count=16 iflag=direct 2>/tmp/err || {{ echo LOOP-ERROR read $r; cat /tmp/err; break; }}; \
+               cmp -s /tmp/p /tmp/q || {{ echo LOOP-ERROR compare $r; break; }}; \
+               r=$((r + 1)); \
+             done; echo LOOP-DONE $((r - 1))) > /tmp/loop.log 2>&1 &"
+        ),
+    )?;
+    let supervisor = supervisor_of(vm)?;
+    let dir = guest_dir(vm.workdir());
+    for kill in 1..=3usize {
+        thread::sleep(Duration::from_millis(700) * u32::try_from(kill)?);
+        let pids = procfs::children_named(supervisor, "dev-blk");
+        ensure!(pids.len() == 1, "dev-blks before kill {kill}: {pids:?}");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pids[0])?),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = fs::read_to_string(dir.join("vm-bhyve.log")).unwrap_or_default();
+            if log.matches("dev-blk0 restarted").count() >= kill {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "dev-blk0 was not restarted after kill {kill}:\n{log}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_mins(3);
+    let log = loop {
+        let out = run_ok(vm, "cat /tmp/loop.log")?;
+        if out.contains("LOOP-DONE") || out.contains("LOOP-ERROR") {
+            break out;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the guest's loop did not finish: {out}"
+        );
+        thread::sleep(Duration::from_secs(1));
+    };
+    ensure!(
+        log.contains(&format!("LOOP-DONE {ROUNDS}")) && !log.contains("LOOP-ERROR"),
+        "the guest's I/O loop saw an error across the restarts: {log}"
+    );
+    let dmesg = run_ok(
+        vm,
+        "dmesg | grep -i -E 'I/O error|blk_update|virtio_blk' || true",
+    )?;
+    ensure!(
+        !dmesg.to_ascii_lowercase().contains("error"),
+        "the guest kernel logged disk errors: {dmesg}"
+    );
+    // The image holds each slot's last pattern: slot k last written in the last round r ≡ k.
+    for k in 0..8u64 {
+        let last = (1..=u64::from(ROUNDS))
+            .rev()
+            .find(|r| r % 8 == k)
+            .unwrap_or(0);
+        let want = u8::try_from(last % 200 + 32)?;
+        let got = read_at(&path, k * MIB, usize::try_from(MIB)?)?;
+        ensure!(
+            got.iter().all(|&b| b == want),
+            "slot {k} of the image does not hold round {last}'s byte {want:#x}"
+        );
+    }
+    let restarts = fs::read_to_string(dir.join("vm-bhyve.log"))?;
+    let times: Vec<&str> = restarts
+        .lines()
+        .filter(|l| l.contains("dev-blk0 restarted"))
+        .collect();
+    println!("MEASURE disks dev_blk_restarts {times:?}");
+    Ok(())
+}
+
 /// The md5 of `bytes`, by the host's `md5sum` (the guest's busybox has the same).
 fn md5_hex(vm: &TestVm, bytes: &[u8]) -> anyhow::Result<String> {
     let file = vm.workdir().join("md5-input");
@@ -392,7 +490,7 @@ fn md5_hex(vm: &TestVm, bytes: &[u8]) -> anyhow::Result<String> {
 
 /// (b): vda writable and sparse, vdb `ro`.
 fn read_only_and_discard() -> anyhow::Result<()> {
-    nested_pci_skip()?;
+    harness::nested_pci_skip()?;
     nested_fault_retry(|| {
         let mut vm = None;
         read_only_and_discard_in(&mut vm).map_err(|e| match &vm {

@@ -114,13 +114,19 @@ impl Monitor<'_> {
             rss_kib: runner::rss_kib(pid),
             restarts: self.restarts,
         }];
-        // A device that died is left out: it has no pid to show until restarts exist.
-        for device in self.runner.devices.iter().filter(|d| d.status.is_none()) {
+        // A device that is dead (waiting for its restart, or failed) shows pid 0.
+        for device in &self.runner.devices {
+            let alive = device.status.is_none();
+            let pid = if alive { device.pid() } else { 0 };
             processes.push(ProcessInfo {
-                role: device.name.clone(),
-                pid: device.pid(),
-                rss_kib: runner::rss_kib(device.pid()),
-                restarts: 0,
+                role: if device.failed {
+                    format!("{}:failed", device.name)
+                } else {
+                    device.name.clone()
+                },
+                pid,
+                rss_kib: if alive { runner::rss_kib(pid) } else { 0 },
+                restarts: device.restarts,
             });
         }
         VmStatus {

@@ -1,15 +1,20 @@
-//! The device processes of one boot: a `dev-blk` per disk.
+//! The device processes of one boot: a `dev-blk` per disk, then a `dev-net` per NIC.
 //!
 //! Each boot has its own guest RAM memfd, so each boot has its own device processes. Per disk
 //! the supervisor opens the image (read-only for `ro` disks and install media, `O_DIRECT` for
 //! `direct`/`nocache`), creates the device's channel to the runner (a `SOCK_SEQPACKET`
 //! socketpair), starts `dev-blk` in its sandbox with `[Log, GuestMemory, Disk, DeviceChannel]`
-//! and sends it [`DeviceSetup::Block`]. The other end of the channel goes to the runner as a
-//! [`FdRole::DeviceChannel`], in disk order, which is the PCI order.
+//! and sends it [`DeviceSetup::Block`]. Per NIC it starts `dev-net` with `[Log, GuestMemory,
+//! Tap, DeviceChannel]` (the tap the supervisor holds for the whole run, [`super::network`])
+//! and sends it [`DeviceSetup::Net`]. The other ends of the channels go to the runner as
+//! [`FdRole::DeviceChannel`]s: disks first, then NICs, which is the PCI order.
 //!
 //! A device that dies is logged (its exit status says `SIGSYS` when its seccomp filter killed
-//! it); restarting it is not done yet, so the guest keeps running without the disk's process.
-//! Every device process is killed and reaped when its boot ends.
+//! it) and started again from its [`Recipe`]: the same log, guest RAM, backing fd (image or tap,
+//! which the supervisor keeps), in-flight region (disks) and setup, on a new channel whose other
+//! end goes to the runner ([`proto::runner::ToRunner::ReplaceDevice`]); the runner re-sends the
+//! device's `Activate` and the new process resumes the queues (see `super::Monitor`'s restart
+//! policy). Every device process is killed and reaped when its boot ends.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -20,18 +25,23 @@ use std::process::{Child, ExitStatus};
 
 use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
 use proto::channel::{Channel, ChannelError};
-use proto::device::{BlockSetup, DeviceSetup};
+use proto::device::{BlockSetup, DeviceSetup, NetSetup};
 
-use crate::preflight::DiskPlan;
+use crate::preflight::{DiskPlan, NicPlan};
 use crate::spawn::{self, SpawnError};
 
 /// The dev-blk binary's name (found by [`spawn::binary_path`]).
 pub const DEV_BLK_BINARY: &str = "dev-blk";
+/// The dev-net binary's name (found by [`spawn::binary_path`]).
+pub const DEV_NET_BINARY: &str = "dev-net";
 /// Environment variable with the device processes' `tracing` filter (default `info`).
 pub const DEVICE_LOG_ENV: &str = "CAPVM_DEVICE_LOG";
 /// The fd ceiling of a dev-blk sandbox: its five fds, two eventfds per queue, and room for
 /// the epoll and worker descriptors of its threads.
 const DEV_BLK_MAX_FDS: u32 = 128;
+/// The fd ceiling of a dev-net sandbox: its four fds, the eventfds of its queues, and room
+/// for its poll descriptors.
+const DEV_NET_MAX_FDS: u32 = 64;
 /// Most request queues of a disk ([`proto::device::MAX_QUEUES`]).
 const MAX_QUEUES: u32 = proto::device::MAX_QUEUES as u32;
 
@@ -45,38 +55,69 @@ pub enum DeviceError {
         #[source]
         source: io::Error,
     },
-    #[error("creating the channel of disk{index} failed")]
+    #[error("creating the channel of {device} failed")]
     Channel {
-        index: u32,
+        device: String,
         #[source]
         source: ChannelError,
     },
-    #[error("starting the dev-blk of disk{index} failed")]
+    #[error("starting {device} failed")]
     Spawn {
-        index: u32,
+        device: String,
         #[source]
         source: SpawnError,
     },
-    #[error("watching the dev-blk of disk{index} failed")]
+    #[error("watching {device} failed")]
     Pidfd {
-        index: u32,
+        device: String,
         #[source]
         source: io::Error,
     },
-    #[error("sending the setup of disk{index} failed")]
+    #[error("sending the setup of {device} failed")]
     Setup {
-        index: u32,
+        device: String,
         #[source]
         source: ChannelError,
     },
-    #[error("disk{index} has no log")]
-    NoLog { index: u32 },
+    #[error("{device} has no log")]
+    NoLog { device: String },
+    #[error("network{index} has no tap")]
+    NoTap { index: u32 },
+    #[error("duplicating a descriptor of {device} failed")]
+    Dup {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating the in-flight region of {device} failed")]
+    Inflight {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
-/// A running device process.
+/// Everything a device process is started with, kept for the boot's whole life so that a
+/// dead one can be started again exactly as the first.
+#[derive(Debug)]
+pub struct Recipe {
+    role: Role,
+    binary: PathBuf,
+    vm_name: String,
+    log: OwnedFd,
+    backing_role: FdRole,
+    /// The disk image or tap (a duplicate of the supervisor's).
+    backing: OwnedFd,
+    /// Further fds after the device channel (a disk's in-flight region).
+    extra: Vec<(FdRole, OwnedFd)>,
+    max_fds: u32,
+    setup: DeviceSetup,
+}
+
+/// A device process of this boot (running, or dead and waiting for its restart).
 #[derive(Debug)]
 pub struct DeviceProcess {
-    /// `dev-blk0`, ...: the role name with the disk number.
+    /// `dev-blk0`, `dev-net0`, ...: the role name with the disk or NIC number.
     pub name: String,
     pub process: Child,
     /// Readable when the process has exited.
@@ -86,11 +127,33 @@ pub struct DeviceProcess {
     pub bootstrap: Channel,
     /// Set once the process has been reaped.
     pub status: Option<ExitStatus>,
+    /// How to start it again.
+    pub recipe: Recipe,
+    /// How often it was restarted after dying.
+    pub restarts: u32,
+    /// When it died, within the restart window (oldest first).
+    pub deaths: std::collections::VecDeque<std::time::Instant>,
+    /// When the next restart is due, if one is.
+    pub restart_at: Option<std::time::Instant>,
+    /// It died too often and is not restarted any more.
+    pub failed: bool,
 }
 
 impl DeviceProcess {
     pub fn pid(&self) -> u32 {
         self.process.id()
+    }
+
+    /// Starts the device again from its recipe on guest RAM `memory`; returns the runner's
+    /// end of the new channel. The old process must have been reaped.
+    pub fn respawn(&mut self, memory: BorrowedFd<'_>) -> Result<Channel, DeviceError> {
+        let launched = launch(&self.name, &self.recipe, memory)?;
+        self.process = launched.process;
+        self.pidfd = launched.pidfd;
+        self.bootstrap = launched.bootstrap;
+        self.status = None;
+        self.restarts = self.restarts.saturating_add(1);
+        Ok(launched.runner_end)
     }
 
     /// Kills (if still running) and reaps the process.
@@ -114,13 +177,25 @@ impl Drop for DeviceProcess {
     }
 }
 
+/// One NIC's tap as a boot's dev-net gets it.
+#[derive(Debug, Clone, Copy)]
+pub struct TapRef<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub mtu: u16,
+}
+
 /// What the device processes of a boot are started with.
 #[derive(Debug)]
 pub struct DeviceContext<'a> {
     pub vm_name: &'a str,
     pub dev_blk_binary: &'a Path,
+    pub dev_net_binary: &'a Path,
     /// One log per disk, in the order of the plan's disks.
     pub logs: &'a [BorrowedFd<'a>],
+    /// One log per NIC, in the order of the plan's NICs.
+    pub nic_logs: &'a [BorrowedFd<'a>],
+    /// One tap per NIC, in the order of the plan's NICs.
+    pub taps: &'a [TapRef<'a>],
     pub memory: BorrowedFd<'a>,
     pub memory_bytes: u64,
     pub cpus: u32,
@@ -133,16 +208,51 @@ pub struct Devices {
     pub runner_ends: Vec<Channel>,
 }
 
-/// Starts one dev-blk per disk. On error the ones already started are killed and reaped
-/// (dropping them).
-pub fn start_disks(disks: &[DiskPlan], ctx: &DeviceContext<'_>) -> Result<Devices, DeviceError> {
+/// Starts one dev-blk per disk, then one dev-net per NIC. On error the ones already started
+/// are killed and reaped (dropping them).
+pub fn start_devices(
+    disks: &[DiskPlan],
+    nics: &[NicPlan],
+    ctx: &DeviceContext<'_>,
+) -> Result<Devices, DeviceError> {
     let mut devices = Devices::default();
     for (n, disk) in disks.iter().enumerate() {
-        let log = *ctx
-            .logs
-            .get(n)
-            .ok_or(DeviceError::NoLog { index: disk.index })?;
+        let log = *ctx.logs.get(n).ok_or_else(|| DeviceError::NoLog {
+            device: format!("disk{}", disk.index),
+        })?;
         let (process, runner_end) = start_disk(disk, log, ctx)?;
+        devices.processes.push(process);
+        devices.runner_ends.push(runner_end);
+    }
+    for (n, nic) in nics.iter().enumerate() {
+        let log = *ctx.nic_logs.get(n).ok_or_else(|| DeviceError::NoLog {
+            device: format!("network{}", nic.index),
+        })?;
+        let tap = *ctx
+            .taps
+            .get(n)
+            .ok_or(DeviceError::NoTap { index: nic.index })?;
+        let setup = DeviceSetup::Net(NetSetup {
+            memory: proto::device::guest_ram_layout(ctx.memory_bytes),
+            mac: nic.mac,
+            mtu: tap.mtu,
+            queue_pairs: 1,
+        });
+        let name = format!("dev-net{}", nic.index);
+        let (process, runner_end) = start_device(
+            DeviceSpec {
+                role: Role::DevNet { index: nic.index },
+                binary: ctx.dev_net_binary,
+                backing_role: FdRole::Tap,
+                backing: dup(&name, tap.fd)?,
+                extra: Vec::new(),
+                max_fds: DEV_NET_MAX_FDS,
+                setup,
+            },
+            name,
+            log,
+            ctx,
+        )?;
         devices.processes.push(process);
         devices.runner_ends.push(runner_end);
     }
@@ -156,46 +266,17 @@ fn start_disk(
 ) -> Result<(DeviceProcess, Channel), DeviceError> {
     let index = disk.index;
     let image = open_disk(disk)?;
-    let (runner_end, device_end) =
-        Channel::pair().map_err(|source| DeviceError::Channel { index, source })?;
-    let (uid, gid) = sandbox::nobody();
-    let bootstrap = Bootstrap {
-        role: Role::DevBlk { index },
-        vm_name: ctx.vm_name.to_owned(),
-        sandbox: SandboxSettings {
-            uid,
-            gid,
-            max_fds: DEV_BLK_MAX_FDS,
-        },
-        fds: vec![
-            FdRole::Log,
-            FdRole::GuestMemory,
-            FdRole::Disk,
-            FdRole::DeviceChannel,
-        ],
-        log_filter: std::env::var(DEVICE_LOG_ENV).unwrap_or_else(|_| "info".to_owned()),
-    };
-    let fds = [log, ctx.memory, image.as_fd(), device_end.as_fd()];
-    let spawned = spawn::spawn(ctx.dev_blk_binary, &bootstrap, &fds)
-        .map_err(|source| DeviceError::Spawn { index, source })?;
-    drop(device_end);
-    drop(image);
-    let mut process = spawned.process;
-    let pidfd = match super::runner::pidfd_open(process.id()) {
-        Ok(fd) => fd,
-        Err(source) => {
-            let _ = process.kill();
-            let _ = process.wait();
-            return Err(DeviceError::Pidfd { index, source });
-        }
-    };
-    let mut device = DeviceProcess {
-        name: format!("dev-blk{index}"),
-        process,
-        pidfd,
-        bootstrap: spawned.channel,
-        status: None,
-    };
+    let name = format!("dev-blk{index}");
+    // The in-flight region outlives each dev-blk process of this boot: a restarted one
+    // replays what its predecessor had in flight.
+    let region = crate::memfd::sealed(
+        c"capvm-inflight",
+        proto::device::INFLIGHT_REGION_BYTES as u64,
+    )
+    .map_err(|e| DeviceError::Inflight {
+        device: name.clone(),
+        source: e.into(),
+    })?;
     let setup = DeviceSetup::Block(BlockSetup {
         memory: proto::device::guest_ram_layout(ctx.memory_bytes),
         read_only: disk.read_only,
@@ -203,11 +284,144 @@ fn start_disk(
         serial: disk.serial.clone(),
         queues: queue_count(ctx.cpus),
     });
-    if let Err(source) = device.bootstrap.send(&setup, &[]) {
-        device.stop();
-        return Err(DeviceError::Setup { index, source });
+    start_device(
+        DeviceSpec {
+            role: Role::DevBlk { index },
+            binary: ctx.dev_blk_binary,
+            backing_role: FdRole::Disk,
+            backing: image.into(),
+            extra: vec![(FdRole::InflightRegion, region)],
+            max_fds: DEV_BLK_MAX_FDS,
+            setup,
+        },
+        name,
+        log,
+        ctx,
+    )
+}
+
+fn dup(device: &str, fd: BorrowedFd<'_>) -> Result<OwnedFd, DeviceError> {
+    fd.try_clone_to_owned().map_err(|source| DeviceError::Dup {
+        device: device.to_owned(),
+        source,
+    })
+}
+
+/// One device process to start.
+struct DeviceSpec<'a> {
+    role: Role,
+    binary: &'a Path,
+    backing_role: FdRole,
+    /// The disk image or tap.
+    backing: OwnedFd,
+    extra: Vec<(FdRole, OwnedFd)>,
+    max_fds: u32,
+    setup: DeviceSetup,
+}
+
+/// Starts a device with `[Log, GuestMemory, backing, DeviceChannel, extra…]` and sends its
+/// setup; keeps what it took as the device's [`Recipe`].
+fn start_device(
+    spec: DeviceSpec<'_>,
+    name: String,
+    log: BorrowedFd<'_>,
+    ctx: &DeviceContext<'_>,
+) -> Result<(DeviceProcess, Channel), DeviceError> {
+    let recipe = Recipe {
+        role: spec.role,
+        binary: spec.binary.to_owned(),
+        vm_name: ctx.vm_name.to_owned(),
+        log: dup(&name, log)?,
+        backing_role: spec.backing_role,
+        backing: spec.backing,
+        extra: spec.extra,
+        max_fds: spec.max_fds,
+        setup: spec.setup,
+    };
+    let launched = launch(&name, &recipe, ctx.memory)?;
+    let device = DeviceProcess {
+        name,
+        process: launched.process,
+        pidfd: launched.pidfd,
+        bootstrap: launched.bootstrap,
+        status: None,
+        recipe,
+        restarts: 0,
+        deaths: std::collections::VecDeque::new(),
+        restart_at: None,
+        failed: false,
+    };
+    Ok((device, launched.runner_end))
+}
+
+/// A device process just started.
+struct Launched {
+    process: Child,
+    pidfd: OwnedFd,
+    bootstrap: Channel,
+    runner_end: Channel,
+}
+
+/// Spawns the device of `recipe` in its sandbox and sends its setup.
+fn launch(device: &str, recipe: &Recipe, memory: BorrowedFd<'_>) -> Result<Launched, DeviceError> {
+    let device = device.to_owned();
+    let (runner_end, device_end) = match Channel::pair() {
+        Ok(pair) => pair,
+        Err(source) => return Err(DeviceError::Channel { device, source }),
+    };
+    let (uid, gid) = sandbox::nobody();
+    let mut roles = vec![
+        FdRole::Log,
+        FdRole::GuestMemory,
+        recipe.backing_role,
+        FdRole::DeviceChannel,
+    ];
+    let mut fds = vec![
+        recipe.log.as_fd(),
+        memory,
+        recipe.backing.as_fd(),
+        device_end.as_fd(),
+    ];
+    for (role, fd) in &recipe.extra {
+        roles.push(*role);
+        fds.push(fd.as_fd());
     }
-    Ok((device, runner_end))
+    let bootstrap = Bootstrap {
+        role: recipe.role,
+        vm_name: recipe.vm_name.clone(),
+        sandbox: SandboxSettings {
+            uid,
+            gid,
+            max_fds: recipe.max_fds,
+        },
+        fds: roles,
+        log_filter: std::env::var(DEVICE_LOG_ENV).unwrap_or_else(|_| "info".to_owned()),
+    };
+    let spawned = match spawn::spawn(&recipe.binary, &bootstrap, &fds) {
+        Ok(s) => s,
+        Err(source) => return Err(DeviceError::Spawn { device, source }),
+    };
+    drop(device_end);
+    let mut process = spawned.process;
+    let pidfd = match super::runner::pidfd_open(process.id()) {
+        Ok(fd) => fd,
+        Err(source) => {
+            let _ = process.kill();
+            let _ = process.wait();
+            return Err(DeviceError::Pidfd { device, source });
+        }
+    };
+    if let Err(source) = spawned.channel.send(&recipe.setup, &[]) {
+        let _ = process.kill();
+        let _ = process.wait();
+        return Err(DeviceError::Setup { device, source });
+    }
+    Ok(Launched {
+        process,
+        pidfd,
+        bootstrap: spawned.channel,
+        runner_end,
+    })
 }
 
 /// Opens the image as the disk's options say.

@@ -3,8 +3,9 @@
 //!
 //! Each boot gets everything fresh: a new guest RAM memfd (sealed against resizing, so a
 //! mapping can never be cut short under another process), `/dev/kvm`, the kernel and initrd
-//! opened read-only, a new console socketpair, and a dev-blk per disk on the same memfd.
-//! Nothing of an earlier boot survives into the next one.
+//! opened read-only, a new console socketpair, a dev-blk per disk and a dev-net per NIC on
+//! the same memfd. Nothing of an earlier boot survives into the next one but the NICs' taps,
+//! which the supervisor holds for the whole run.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -21,7 +22,7 @@ use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
 use proto::channel::{Channel, ChannelError};
 use proto::runner::{GuestExit, MachineConfig, ToRunner};
 
-use super::devices::{self, DeviceContext, DeviceError, DeviceProcess};
+use super::devices::{self, DeviceContext, DeviceError, DeviceProcess, TapRef};
 use crate::preflight::BootPlan;
 use crate::spawn::{self, SpawnError};
 use crate::vmlog;
@@ -132,8 +133,13 @@ pub struct BootContext<'a> {
     /// Where the runner logs (its `tracing` output).
     pub runner_log: BorrowedFd<'a>,
     pub dev_blk_binary: &'a Path,
+    pub dev_net_binary: &'a Path,
     /// One log per disk of the plan, in its order.
     pub disk_logs: &'a [BorrowedFd<'a>],
+    /// One log per NIC of the plan, in its order.
+    pub nic_logs: &'a [BorrowedFd<'a>],
+    /// One tap per NIC of the plan, in its order (held by the supervisor for the run).
+    pub taps: &'a [TapRef<'a>],
 }
 
 /// Opens everything, starts the runner in its sandbox and sends it the machine.
@@ -158,17 +164,7 @@ pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, Boo
         .as_ref()
         .map(|path| open(path, false))
         .transpose()?;
-    let devices = devices::start_disks(
-        &plan.disks,
-        &DeviceContext {
-            vm_name: ctx.name,
-            dev_blk_binary: ctx.dev_blk_binary,
-            logs: ctx.disk_logs,
-            memory: memory.as_fd(),
-            memory_bytes: plan.memory_bytes,
-            cpus: plan.cpus,
-        },
-    )?;
+    let devices = start_devices(plan, ctx, memory.as_fd())?;
     let (console, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::Stream,
@@ -238,6 +234,29 @@ pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, Boo
         return Err(BootError::Send(e));
     }
     Ok(runner)
+}
+
+/// The boot's device processes: disks, then NICs, on guest RAM `memory`.
+fn start_devices(
+    plan: &BootPlan,
+    ctx: &BootContext<'_>,
+    memory: BorrowedFd<'_>,
+) -> Result<devices::Devices, DeviceError> {
+    devices::start_devices(
+        &plan.disks,
+        &plan.nics,
+        &DeviceContext {
+            vm_name: ctx.name,
+            dev_blk_binary: ctx.dev_blk_binary,
+            dev_net_binary: ctx.dev_net_binary,
+            logs: ctx.disk_logs,
+            nic_logs: ctx.nic_logs,
+            taps: ctx.taps,
+            memory,
+            memory_bytes: plan.memory_bytes,
+            cpus: plan.cpus,
+        },
+    )
 }
 
 /// The runner's fd ceiling with `devices` devices, within the sandbox's bound.

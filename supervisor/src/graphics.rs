@@ -1,0 +1,220 @@
+//! A guest's graphical console (`graphics="yes"`): the framebuffer, the VNC listening socket
+//! and the `dev-fb` process that serves it.
+//!
+//! The supervisor creates what outlives a dev-fb process — the framebuffer memfd (the bochs
+//! display's BAR0 in the runner, mapped read-only by dev-fb) and the listening socket — and
+//! keeps them for the guest's whole run, so a restarted dev-fb serves the same picture on the
+//! same port. dev-fb only `accept`s on the socket: it cannot bind or open anything.
+//!
+//! The port: `graphics_port` if set (busy → a clear error), else the first free port from
+//! 5900 up. Binding is the reservation, so two guests starting at once cannot pick the same
+//! port. The listening address is `graphics_listen`, loopback unless the user says otherwise.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::process::Child;
+
+use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
+use proto::display::{DisplaySetup, SharePolicy};
+
+use crate::guest_config::Graphics;
+use crate::spawn::{self, SpawnError};
+
+/// The first port tried when `graphics_port` is unset (VNC display :0).
+pub const FIRST_VNC_PORT: u16 = 5900;
+/// How many ports from [`FIRST_VNC_PORT`] are tried.
+pub const VNC_PORTS: u16 = 100;
+/// The smallest framebuffer (QEMU's bochs-display default); larger modes get the next power
+/// of two that holds them at 32 bpp (a PCI BAR is a power of two).
+pub const MIN_FRAMEBUFFER_BYTES: u64 = 16 << 20;
+/// The dev-fb binary's name.
+pub const DEV_FB_BINARY: &str = "dev-fb";
+/// The fd ceiling of dev-fb's sandbox: its own fds plus a bounded number of VNC clients.
+const DEV_FB_MAX_FDS: u32 = 96;
+
+/// Why the graphical console could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphicsError {
+    #[error("VNC port {addr} is in use (graphics_port)")]
+    PortBusy {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no free VNC port on {listen} from {FIRST_VNC_PORT} to {}", FIRST_VNC_PORT + VNC_PORTS - 1)]
+    NoFreePort { listen: IpAddr },
+    #[error("listening for VNC on {addr} failed")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating the {bytes}-byte framebuffer failed")]
+    Framebuffer {
+        bytes: u64,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("starting dev-fb failed")]
+    Spawn(#[source] SpawnError),
+    #[error("sending dev-fb its setup failed")]
+    Setup(#[source] proto::ChannelError),
+}
+
+/// The framebuffer size for modes up to `width`×`height` at 32 bpp.
+pub fn framebuffer_bytes(width: u32, height: u32) -> u64 {
+    let need = u64::from(width) * u64::from(height) * 4;
+    need.next_power_of_two().max(MIN_FRAMEBUFFER_BYTES)
+}
+
+/// What a running guest's graphics hold across dev-fb restarts.
+#[derive(Debug)]
+pub struct Console {
+    pub framebuffer: OwnedFd,
+    pub framebuffer_bytes: u64,
+    pub listener: TcpListener,
+    /// Where the listener is bound (`vm list`'s VNC column).
+    pub addr: SocketAddr,
+    pub setup: DisplaySetup,
+}
+
+impl Console {
+    /// Binds the listener and creates the framebuffer for `graphics`, with `password` for
+    /// VNC Authentication.
+    pub fn new(graphics: &Graphics, password: Option<String>) -> Result<Console, GraphicsError> {
+        let listen = graphics.listen.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let (listener, addr) = bind(listen, graphics.port)?;
+        let bytes = framebuffer_bytes(graphics.width, graphics.height);
+        let framebuffer = crate::memfd::sealed(c"capvm-framebuffer", bytes)
+            .map_err(|source| GraphicsError::Framebuffer { bytes, source })?;
+        let setup = DisplaySetup {
+            width: graphics.width,
+            height: graphics.height,
+            max_width: graphics.width,
+            max_height: graphics.height,
+            framebuffer_bytes: bytes,
+            password,
+            share: SharePolicy::AllowExclusive,
+        };
+        Ok(Console {
+            framebuffer,
+            framebuffer_bytes: bytes,
+            listener,
+            addr,
+            setup,
+        })
+    }
+
+    /// `host:port` as `vm list` shows it.
+    pub fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+/// Binds `port` on `listen`, or the first free port from [`FIRST_VNC_PORT`].
+pub fn bind(listen: IpAddr, port: Option<u16>) -> Result<(TcpListener, SocketAddr), GraphicsError> {
+    if let Some(port) = port {
+        let addr = SocketAddr::new(listen, port);
+        return match TcpListener::bind(addr) {
+            Ok(l) => Ok((l, addr)),
+            Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
+                Err(GraphicsError::PortBusy { addr, source })
+            }
+            Err(source) => Err(GraphicsError::Listen { addr, source }),
+        };
+    }
+    for port in FIRST_VNC_PORT..FIRST_VNC_PORT + VNC_PORTS {
+        let addr = SocketAddr::new(listen, port);
+        match TcpListener::bind(addr) {
+            Ok(l) => return Ok((l, addr)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(source) => return Err(GraphicsError::Listen { addr, source }),
+        }
+    }
+    Err(GraphicsError::NoFreePort { listen })
+}
+
+/// A running dev-fb.
+#[derive(Debug)]
+pub struct DevFb {
+    pub process: Child,
+    /// Closing it asks dev-fb to exit.
+    pub bootstrap: proto::Channel,
+}
+
+/// Starts dev-fb for `console`: `[Log, Framebuffer, VncListener]` plus, when the runner has a
+/// display, its end of the display channel.
+pub fn start_dev_fb(
+    binary: &Path,
+    vm_name: &str,
+    log: BorrowedFd<'_>,
+    console: &Console,
+    display_channel: Option<BorrowedFd<'_>>,
+) -> Result<DevFb, GraphicsError> {
+    let (uid, gid) = sandbox::nobody();
+    let mut roles = vec![FdRole::Log, FdRole::Framebuffer, FdRole::VncListener];
+    let mut fds = vec![log, console.framebuffer.as_fd(), console.listener.as_fd()];
+    if let Some(channel) = display_channel {
+        roles.push(FdRole::DisplayChannel);
+        fds.push(channel);
+    }
+    let bootstrap = Bootstrap {
+        role: Role::DevFb,
+        vm_name: vm_name.to_owned(),
+        sandbox: SandboxSettings {
+            uid,
+            gid,
+            max_fds: DEV_FB_MAX_FDS,
+        },
+        fds: roles,
+        log_filter: std::env::var(crate::monitor::devices::DEVICE_LOG_ENV)
+            .unwrap_or_else(|_| "info".to_owned()),
+    };
+    let spawned = spawn::spawn(binary, &bootstrap, &fds).map_err(GraphicsError::Spawn)?;
+    let mut dev_fb = DevFb {
+        process: spawned.process,
+        bootstrap: spawned.channel,
+    };
+    if let Err(source) = dev_fb.bootstrap.send(&console.setup, &[]) {
+        let _ = dev_fb.process.kill();
+        let _ = dev_fb.process.wait();
+        return Err(GraphicsError::Setup(source));
+    }
+    Ok(dev_fb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framebuffers_are_powers_of_two_of_at_least_16_mib() {
+        assert_eq!(framebuffer_bytes(800, 600), 16 << 20);
+        assert_eq!(framebuffer_bytes(1920, 1200), 16 << 20);
+        assert_eq!(framebuffer_bytes(2560, 1600), 16 << 20);
+        assert_eq!(framebuffer_bytes(3840, 2160), 32 << 20);
+    }
+
+    #[test]
+    fn a_set_port_is_bound_exactly_and_a_busy_one_is_a_clear_error() {
+        let (first, addr) = bind(IpAddr::V4(Ipv4Addr::LOCALHOST), Some(0)).expect("bind");
+        let port = first.local_addr().expect("addr").port();
+        assert_eq!(addr.port(), 0);
+        let busy = bind(IpAddr::V4(Ipv4Addr::LOCALHOST), Some(port));
+        assert!(
+            matches!(busy, Err(GraphicsError::PortBusy { .. })),
+            "{busy:?}"
+        );
+    }
+
+    #[test]
+    fn unset_ports_take_the_first_free_one_from_5900() {
+        let listen = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (a, addr_a) = bind(listen, None).expect("first");
+        let (b, addr_b) = bind(listen, None).expect("second");
+        assert!((FIRST_VNC_PORT..FIRST_VNC_PORT + VNC_PORTS).contains(&addr_a.port()));
+        assert!(addr_b.port() > addr_a.port(), "{addr_a} then {addr_b}");
+        drop((a, b));
+    }
+}
