@@ -93,6 +93,9 @@ pub fn run() -> Result<(), RunError> {
     let mut take = |role| started.take_fd(&role).ok_or(RunError::MissingFd(role));
     let fb_fd = take(FdRole::Framebuffer)?;
     let listener = TcpListener::from(take(FdRole::VncListener)?);
+    let display = started
+        .take_fd(&FdRole::DisplayChannel)
+        .map(proto::Channel::from_fd);
     let fb = framebuffer::Framebuffer::map(fb_fd, setup.framebuffer_bytes)?;
     tracing::info!(
         width = setup.width,
@@ -103,6 +106,6 @@ pub fn run() -> Result<(), RunError> {
     );
     let name = started.bootstrap.vm_name.clone();
     let mut server = server::Server::new(&fb, setup, name, listener, input::InputQueue::new());
-    server.serve(&started.channel)?;
+    server.serve(&started.channel, display.as_ref())?;
     Ok(())
 }

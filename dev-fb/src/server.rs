@@ -195,15 +195,32 @@ impl<'a, S: InputSink> Server<'a, S> {
         )
     }
 
-    /// Serves until `control` is closed by its peer.
-    pub fn serve(&mut self, control: &Channel) -> Result<(), ServerError> {
+    /// Serves until `control` (the supervisor's bootstrap channel) is closed by its peer.
+    /// Mode changes come on `display` (the runner's bochs display; no handshake, runner →
+    /// dev-fb only) and, for tests without a runner, on `control`.
+    pub fn serve(
+        &mut self,
+        control: &Channel,
+        display: Option<&Channel>,
+    ) -> Result<(), ServerError> {
         if let Err(e) = self.listener.set_nonblocking(true) {
             tracing::warn!(error = %e, "could not make the listener non-blocking");
         }
+        let mut display = display;
         loop {
             let timeout = self.poll_timeout(Instant::now());
-            let (control_ready, listener_ready, ready) = {
-                let mut fds = Vec::with_capacity(self.clients.len() + 2);
+            let (display_ready, control_ready, listener_ready, ready) = {
+                let mut fds = Vec::with_capacity(self.clients.len() + 3);
+                // The display channel's slot always exists (a closed one polls nothing).
+                let display_flags = if display.is_some() {
+                    PollFlags::POLLIN
+                } else {
+                    PollFlags::empty()
+                };
+                fds.push(PollFd::new(
+                    display.map_or(control.as_fd(), |d| d.as_fd()),
+                    display_flags,
+                ));
                 fds.push(PollFd::new(control.as_fd(), PollFlags::POLLIN));
                 fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
                 for c in &self.clients {
@@ -220,10 +237,24 @@ impl<'a, S: InputSink> Server<'a, S> {
                 }
                 let rev = |f: &PollFd<'_>| f.revents().unwrap_or(PollFlags::empty());
                 let mut it = fds.iter().map(rev);
+                let display_ready = it.next().unwrap_or(PollFlags::empty());
                 let control_ready = it.next().unwrap_or(PollFlags::empty());
                 let listener_ready = it.next().unwrap_or(PollFlags::empty());
-                (control_ready, listener_ready, it.collect::<Vec<_>>())
+                (
+                    display_ready,
+                    control_ready,
+                    listener_ready,
+                    it.collect::<Vec<_>>(),
+                )
             };
+            if let Some(channel) = display
+                && !display_ready.is_empty()
+                && !self.control(channel)?
+            {
+                // The runner is gone (the guest ended or is rebooting); the picture stays.
+                tracing::info!("the runner closed the display channel");
+                display = None;
+            }
             if !control_ready.is_empty() && !self.control(control)? {
                 tracing::info!("supervisor closed the channel; exiting");
                 return Ok(());

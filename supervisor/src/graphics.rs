@@ -143,6 +143,26 @@ pub struct DevFb {
     pub bootstrap: proto::Channel,
 }
 
+impl DevFb {
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    /// Kills (if still running) and reaps it.
+    pub fn stop(&mut self) {
+        if let Ok(None) = self.process.try_wait() {
+            let _ = self.process.kill();
+        }
+        let _ = self.process.wait();
+    }
+}
+
+impl Drop for DevFb {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Starts dev-fb for `console`: `[Log, Framebuffer, VncListener]` plus, when the runner has a
 /// display, its end of the display channel.
 pub fn start_dev_fb(

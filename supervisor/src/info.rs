@@ -61,6 +61,8 @@ pub struct GuestInfo {
     pub virtual_disks: Vec<DiskInfo>,
     /// Seconds since the guest started, from its supervisor.
     pub uptime_secs: Option<u64>,
+    /// Where its VNC server listens (`host:port`), from its supervisor.
+    pub vnc: Option<String>,
     /// The guest's processes (the supervisor first), from its supervisor.
     pub processes: Vec<ProcessInfo>,
     pub warnings: Vec<String>,
@@ -127,7 +129,8 @@ pub fn gather(guest: &Guest) -> GuestInfo {
         memory: value(&conf, "memory"),
         network_interfaces: nics(&conf, &guest.name, matches!(run, RunState::Running { .. })),
         virtual_disks: disks(&conf, guest),
-        uptime_secs: status.map(|s| s.uptime_secs),
+        uptime_secs: status.as_ref().map(|s| s.uptime_secs),
+        vnc: status.and_then(|s| s.vnc),
         processes,
         warnings,
         errors,
@@ -252,6 +255,9 @@ pub fn render_text(info: &GuestInfo) -> String {
     let _ = writeln!(s, "  memory: {}", dash(info.memory.as_ref()));
     if let Some(uptime) = info.uptime_secs {
         let _ = writeln!(s, "  uptime: {}", uptime_text(uptime));
+    }
+    if let Some(vnc) = &info.vnc {
+        let _ = writeln!(s, "  vnc: {vnc}");
     }
     for p in &info.processes {
         let _ = writeln!(

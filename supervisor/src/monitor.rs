@@ -65,6 +65,9 @@ pub fn disk_log_file(index: u32) -> String {
     format!("dev-blk{index}.log")
 }
 
+/// dev-fb's log file in the guest directory.
+pub const DEV_FB_LOG_FILE: &str = "dev-fb.log";
+
 /// The log file of NIC `index`'s dev-net in the guest directory.
 pub fn nic_log_file(index: u32) -> String {
     format!("dev-net{index}.log")
@@ -118,6 +121,8 @@ pub enum MonitorError {
     Boot(#[from] BootError),
     #[error("setting up the guest's network failed")]
     Network(#[from] NetworkError),
+    #[error("setting up the graphical console failed")]
+    Graphics(#[source] crate::graphics::GraphicsError),
     #[error("the guest did not start: {0}")]
     NotStarted(String),
     #[error("setting up signal handling failed")]
@@ -195,6 +200,7 @@ struct Monitor<'a> {
     signals: SignalFd,
     console: Console,
     runner: RunnerProcess,
+    graphics: Option<RunGraphics>,
     intent: Intent,
     boot_deadline: Option<Instant>,
     exit_deadline: Option<Instant>,
@@ -289,7 +295,23 @@ fn start_and_watch(
             return Err(e);
         }
     };
-    let runner = match boot(&cfg, &runner_log, &disk_logs, &nic_logs, &network) {
+    let graphics = match start_graphics(&cfg) {
+        Ok(g) => g,
+        Err(e) => {
+            let text = crate::list::error_chain(&e);
+            log.line(&format!("failed to set up the graphical console: {text}"));
+            on_started(Err(text));
+            return Err(e);
+        }
+    };
+    let runner = match boot(
+        &cfg,
+        &runner_log,
+        &disk_logs,
+        &nic_logs,
+        &network,
+        graphics.as_ref(),
+    ) {
         Ok(r) => r,
         Err(e) => {
             let text = crate::list::error_chain(&e);
@@ -319,6 +341,7 @@ fn start_and_watch(
             viewers,
         },
         runner,
+        graphics,
         intent: Intent::Run,
         boot_deadline: Instant::now().checked_add(BOOT_TIMEOUT),
         exit_deadline: None,
@@ -335,6 +358,9 @@ fn start_and_watch(
         viewer.flush();
     }
     monitor.runner.stop_devices();
+    if monitor.graphics.take().is_some() {
+        let _ = std::fs::remove_file(monitor.cfg.guest_dir.join(CONSOLE_FILE));
+    }
     let had_taps = !monitor.network.taps.is_empty();
     let deleted = monitor.network.stop();
     if had_taps {
@@ -388,6 +414,7 @@ fn boot(
     disk_logs: &[File],
     nic_logs: &[File],
     network: &GuestNetwork,
+    graphics: Option<&RunGraphics>,
 ) -> Result<RunnerProcess, BootError> {
     let disk_log_fds: Vec<_> = disk_logs.iter().map(AsFd::as_fd).collect();
     let nic_log_fds: Vec<_> = nic_logs.iter().map(AsFd::as_fd).collect();
@@ -408,8 +435,45 @@ fn boot(
         disk_logs: &disk_log_fds,
         nic_logs: &nic_log_fds,
         taps: &taps,
+        display: graphics.map(|g| runner::DisplayContext {
+            console: &g.console,
+            dev_fb_binary: &g.dev_fb_binary,
+            log: g.log.as_fd(),
+        }),
     };
     runner::boot(&cfg.plan, &ctx)
+}
+
+/// The graphical console of a run: kept across reboots (the same port, the same framebuffer),
+/// with a dev-fb per boot.
+#[derive(Debug)]
+struct RunGraphics {
+    console: crate::graphics::Console,
+    dev_fb_binary: PathBuf,
+    log: File,
+}
+
+/// The vm-bhyve `console` file of a guest, whose `vnc=` line `vm list` shows.
+const CONSOLE_FILE: &str = "console";
+
+/// Binds the VNC port and makes the framebuffer for `cfg`'s guest, if it has graphics, and
+/// writes the address where `vm list` reads it.
+fn start_graphics(cfg: &MonitorConfig) -> Result<Option<RunGraphics>, MonitorError> {
+    let Some(g) = &cfg.plan.graphics else {
+        return Ok(None);
+    };
+    let console =
+        crate::graphics::Console::new(g, g.password.clone()).map_err(MonitorError::Graphics)?;
+    let log = open_log(&cfg.guest_dir.join(DEV_FB_LOG_FILE))?;
+    let _ = std::fs::write(
+        cfg.guest_dir.join(CONSOLE_FILE),
+        format!("vnc={}\n", console.endpoint()),
+    );
+    Ok(Some(RunGraphics {
+        console,
+        dev_fb_binary: crate::spawn::binary_path(crate::graphics::DEV_FB_BINARY),
+        log,
+    }))
 }
 
 /// Opens a child's log file, truncated.
@@ -447,6 +511,9 @@ fn log_boot(log: &mut VmLog, cfg: &MonitorConfig, runner: &RunnerProcess, networ
             device.pid(),
             tap.name
         ));
+    }
+    if let Some(dev_fb) = &runner.display {
+        log.line(&format!("starting dev-fb (pid {}) for VNC", dev_fb.pid()));
     }
     log.line(&format!("starting vcpu-runner (pid {})", runner.pid()));
 }
@@ -948,6 +1015,7 @@ impl Monitor<'_> {
             &self.disk_logs,
             &self.nic_logs,
             &self.network,
+            self.graphics.as_ref(),
         );
         match booted {
             Ok(runner) => {

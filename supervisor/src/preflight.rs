@@ -164,6 +164,8 @@ pub struct BootPlan {
     pub nics: Vec<NicPlan>,
     /// Every switch's bridge: what the guest's netcfg may touch.
     pub bridges: Vec<String>,
+    /// The graphical console (`graphics="yes"`).
+    pub graphics: Option<crate::guest_config::Graphics>,
 }
 
 impl BootPlan {
@@ -332,6 +334,7 @@ pub fn plan(
         disks,
         nics: Vec::new(),
         bridges: Vec::new(),
+        graphics: config.graphics.enabled.then(|| config.graphics.clone()),
     })
 }
 

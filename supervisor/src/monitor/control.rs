@@ -129,11 +129,19 @@ impl Monitor<'_> {
                 restarts: device.restarts,
             });
         }
+        if let Some(dev_fb) = &self.runner.display {
+            processes.push(ProcessInfo {
+                role: "dev-fb".to_owned(),
+                pid: dev_fb.pid(),
+                rss_kib: runner::rss_kib(dev_fb.pid()),
+                restarts: 0,
+            });
+        }
         VmStatus {
             pid: std::process::id(),
             uptime_secs: self.started_at.elapsed().as_secs(),
             processes,
-            vnc: None,
+            vnc: self.graphics.as_ref().map(|g| g.console.endpoint()),
         }
     }
 }

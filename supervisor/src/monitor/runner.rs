@@ -62,6 +62,10 @@ pub enum BootError {
     Send(#[source] ChannelError),
     #[error("the machine is invalid")]
     Machine(#[from] proto::runner::RunnerMessageError),
+    #[error("creating the display channel failed")]
+    DisplayChannel(#[source] ChannelError),
+    #[error("starting the graphical console failed")]
+    Display(#[source] crate::graphics::GraphicsError),
 }
 
 /// A running (or booting) vcpu-runner.
@@ -84,6 +88,8 @@ pub struct RunnerProcess {
     pub devices: Vec<DeviceProcess>,
     /// The guest RAM memfd, kept for the devices of this boot.
     pub memory: OwnedFd,
+    /// This boot's dev-fb (VNC server), if the guest has graphics.
+    pub display: Option<crate::graphics::DevFb>,
 }
 
 impl RunnerProcess {
@@ -110,6 +116,9 @@ impl RunnerProcess {
     pub fn stop_devices(&mut self) {
         for device in &mut self.devices {
             device.stop();
+        }
+        if let Some(display) = &mut self.display {
+            display.stop();
         }
     }
 }
@@ -140,6 +149,16 @@ pub struct BootContext<'a> {
     pub nic_logs: &'a [BorrowedFd<'a>],
     /// One tap per NIC of the plan, in its order (held by the supervisor for the run).
     pub taps: &'a [TapRef<'a>],
+    /// The graphical console, if the guest has one.
+    pub display: Option<DisplayContext<'a>>,
+}
+
+/// What a boot's display needs: the run's console (framebuffer, listener), dev-fb and its log.
+#[derive(Debug, Clone, Copy)]
+pub struct DisplayContext<'a> {
+    pub console: &'a crate::graphics::Console,
+    pub dev_fb_binary: &'a Path,
+    pub log: BorrowedFd<'a>,
 }
 
 /// Opens everything, starts the runner in its sandbox and sends it the machine.
@@ -190,6 +209,13 @@ pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, Boo
         roles.push(FdRole::DeviceChannel);
         fds.push(end.as_fd());
     }
+    let (display, display_end) = start_display(ctx)?;
+    if let (Some(d), Some(end)) = (&ctx.display, &display_end) {
+        roles.push(FdRole::Framebuffer);
+        fds.push(d.console.framebuffer.as_fd());
+        roles.push(FdRole::DisplayChannel);
+        fds.push(end.as_fd());
+    }
     let (uid, gid) = sandbox::nobody();
     let bootstrap = Bootstrap {
         role: Role::VcpuRunner,
@@ -221,6 +247,7 @@ pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, Boo
         killed: false,
         devices: devices.processes,
         memory,
+        display,
     };
     let sent = runner
         .channel
@@ -234,6 +261,27 @@ pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, Boo
         return Err(BootError::Send(e));
     }
     Ok(runner)
+}
+
+/// The display of a boot, if the guest has one: the runner maps the framebuffer as the bochs
+/// display's BAR0 and sends mode changes to this boot's dev-fb on the display channel, whose
+/// runner end is returned.
+fn start_display(
+    ctx: &BootContext<'_>,
+) -> Result<(Option<crate::graphics::DevFb>, Option<Channel>), BootError> {
+    let Some(d) = &ctx.display else {
+        return Ok((None, None));
+    };
+    let (runner_end, fb_end) = Channel::pair().map_err(BootError::DisplayChannel)?;
+    let dev_fb = crate::graphics::start_dev_fb(
+        d.dev_fb_binary,
+        ctx.name,
+        d.log,
+        d.console,
+        Some(fb_end.as_fd()),
+    )
+    .map_err(BootError::Display)?;
+    Ok((Some(dev_fb), Some(runner_end)))
 }
 
 /// The boot's device processes: disks, then NICs, on guest RAM `memory`.
