@@ -228,6 +228,25 @@ pub fn wait_for_close(channel: &Channel) {
     }
 }
 
+/// Reads the one setup message a child gets on its bootstrap channel after `Ready` (a
+/// device's `DeviceSetup`, dev-fb's `DisplaySetup`). A malformed packet is logged and skipped;
+/// `Ok(None)` means the supervisor hung up before sending it (the child should exit quietly).
+pub fn recv_setup<T: serde::de::DeserializeOwned>(
+    channel: &Channel,
+) -> Result<Option<T>, ChannelError> {
+    loop {
+        match channel.recv::<T>() {
+            Ok(received) => return Ok(Some(received.msg)),
+            Err(ChannelError::Closed) => {
+                tracing::info!("supervisor closed the channel before the setup; exiting");
+                return Ok(None);
+            }
+            Err(e @ (ChannelError::Recv(_) | ChannelError::Send(_))) => return Err(e),
+            Err(e) => tracing::warn!(error = %e, "ignoring a malformed setup message"),
+        }
+    }
+}
+
 /// The whole life of a child whose device model is not written yet: start, then wait until the
 /// supervisor hangs up.
 pub fn start_and_wait(kind: ChildKind) -> Result<(), StartError> {

@@ -65,18 +65,10 @@ pub fn run() -> Result<(), RunError> {
         policy: SECCOMP_POLICY,
         threads: false,
     })?;
-    let setup = loop {
-        match started.channel.recv::<DeviceSetup>() {
-            Ok(received) => break received.msg,
-            Err(ChannelError::Closed) => {
-                tracing::info!("supervisor closed the channel before the setup; exiting");
-                return Ok(());
-            }
-            Err(e @ (ChannelError::Recv(_) | ChannelError::Send(_))) => {
-                return Err(RunError::Setup(e));
-            }
-            Err(e) => tracing::warn!(error = %e, "ignoring a malformed setup message"),
-        }
+    let Some(setup) =
+        child::recv_setup::<DeviceSetup>(&started.channel).map_err(RunError::Setup)?
+    else {
+        return Ok(());
     };
     let DeviceSetup::Net(setup) = setup else {
         return Err(RunError::WrongSetup);
