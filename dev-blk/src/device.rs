@@ -278,7 +278,9 @@ impl Device {
                 tracing::info!(
                     queue = c.index,
                     last_avail = resume.last_avail,
+                    used = queue.next_used(),
                     replayed = heads.len(),
+                    inflight = ?resume.inflight,
                     "resuming the queue after a restart"
                 );
                 queue_loop::replay_requests(&self.mem, c.size, c.desc, &heads)

@@ -223,12 +223,11 @@ impl QueueLog {
                 let slot = self.load(Self::slot(head));
                 (slot & SLOT_INFLIGHT != 0).then_some(((slot & 0xffff) as u16, head))
             })
-            // Only positions within one queue's length before `last_avail` can still be in
-            // flight; anything else is a stale or corrupt slot.
-            .filter(|&(pos, _)| {
-                let back = last_avail.wrapping_sub(pos);
-                back >= 1 && back <= c.size
-            })
+            // A slot taken at `last_avail` itself was recorded before `last_avail` moved past
+            // it: that chain is taken again as new, so it is not replayed. Any older position
+            // may still be in flight, however far back: completions come out of order, and one
+            // slow request can sit while the driver cycles the rest of the ring many times.
+            .filter(|&(pos, _)| pos != last_avail)
             .collect();
         inflight.sort_by_key(|&(pos, _)| std::cmp::Reverse(last_avail.wrapping_sub(pos)));
         Some(Resume {
@@ -336,15 +335,31 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_slots_outside_the_window_are_ignored() {
+    fn a_slow_request_far_behind_is_still_replayed_and_heads_past_the_size_are_not() {
         let log = QueueLog::new(shared_region(), 0);
         log.begin(&config(), 100);
+        // Taken at 100 and still running while the driver went round the ring many times.
         log.taken(100, 0);
-        // A slot claiming a position far from last_avail (101), and heads past the size.
-        log.store(QueueLog::slot(1), SLOT_INFLIGHT | 0x1388);
+        for pos in 101..5000u16 {
+            log.taken(pos, 1);
+            log.completing(1, pos);
+            log.completed(1);
+        }
+        // A slot past the queue size (a corrupt region) is never looked at.
         log.store(QueueLog::slot(200), SLOT_INFLIGHT | 0x64);
-        let r = log.resume(&config(), 100).expect("resume");
+        let r = log.resume(&config(), 4899).expect("resume");
+        assert_eq!(r.last_avail, 5000);
         assert_eq!(r.inflight, vec![(100, 0)]);
+    }
+
+    #[test]
+    fn a_chain_recorded_but_not_yet_counted_is_taken_again_not_replayed() {
+        let log = QueueLog::new(shared_region(), 0);
+        log.begin(&config(), 7);
+        // Died between the slot store and the last_avail store of `taken(7, 2)`.
+        log.store(QueueLog::slot(2), SLOT_INFLIGHT | 7);
+        let r = log.resume(&config(), 7).expect("resume");
+        assert_eq!((r.last_avail, r.inflight), (7, vec![]));
     }
 
     #[test]

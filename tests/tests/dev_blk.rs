@@ -79,7 +79,11 @@ fn spawn_device(
         .write(!read_only)
         .open(disk_path)
         .expect("open image");
-    let log_fd = log.reopen().expect("log fd");
+    // Appended to: every incarnation's lines stay.
+    let log_fd = OpenOptions::new()
+        .append(true)
+        .open(log.path())
+        .expect("log fd");
     let (runner, theirs) = Channel::pair().expect("device channel");
     let (uid, gid) = sandbox::nobody();
     let boot = Bootstrap {
@@ -833,14 +837,26 @@ fn a_device_killed_mid_queue_completes_every_request_exactly_once() {
     let mut kills = 0;
     let mut done = 0u64;
     let mut pids = vec![h.pid()];
+    // From each SIGKILL to the first completion after it: the device's whole outage.
+    let mut killed_at: Option<std::time::Instant> = None;
+    let mut outages = Vec::new();
     while done < TOTAL {
         let ram = &h.ram;
         let used = h.queues[0].wait_some(ram, WAIT).unwrap_or_else(|e| {
+            let waiting: Vec<(usize, u64)> = outstanding
+                .iter()
+                .enumerate()
+                .filter_map(|(s, n)| n.map(|n| (s * 3, n)))
+                .collect();
             panic!(
-                "stalled after {done} requests, {kills} kills: {e}; log:\n{}",
+                "stalled after {done} requests, {kills} kills, waiting for (head, request) \
+                 {waiting:?}: {e}; log:\n{}",
                 h.log_text()
             )
         });
+        if let Some(at) = killed_at.take() {
+            outages.push(at.elapsed());
+        }
         for u in used {
             let s = u.id as usize / 3;
             let Some(n) = outstanding.get_mut(s).and_then(Option::take) else {
@@ -862,6 +878,7 @@ fn a_device_killed_mid_queue_completes_every_request_exactly_once() {
         h.queues[0].notify(ram);
         if kills < kills_at.len() && done >= kills_at[kills] {
             // Requests are in flight right now: SIGKILL and a new incarnation.
+            killed_at = Some(std::time::Instant::now());
             h.respawn();
             pids.push(h.pid());
             kills += 1;
@@ -869,6 +886,7 @@ fn a_device_killed_mid_queue_completes_every_request_exactly_once() {
     }
     assert_eq!(kills, 3);
     assert!(outstanding.iter().all(Option::is_none), "{outstanding:?}");
+    println!("MEASURE dev_blk kill_to_first_completion {outages:?}");
     pids.dedup();
     assert_eq!(pids.len(), 4, "each kill started a new process: {pids:?}");
     // The image holds the last write to each sector.
