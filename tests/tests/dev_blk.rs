@@ -889,12 +889,21 @@ fn a_device_killed_mid_queue_completes_every_request_exactly_once() {
     println!("MEASURE dev_blk kill_to_first_completion {outages:?}");
     pids.dedup();
     assert_eq!(pids.len(), 4, "each kill started a new process: {pids:?}");
-    // The image holds the last write to each sector.
-    let image = h.image();
-    for sector in 0..SECTORS {
-        let last = (0..TOTAL).rev().find(|n| n % SECTORS == sector);
+    assert_last_writes(&h.image(), TOTAL, SECTORS);
+    let log = h.log_text();
+    assert!(
+        log.contains("resuming the queue after a restart"),
+        "log:\n{log}"
+    );
+}
+
+/// Each sector of `image` holds the byte of the last of `total` requests that wrote it
+/// (request n wrote `n % 251` to sector `n % sectors`); unwritten sectors keep the pattern.
+fn assert_last_writes(image: &[u8], total: u64, sectors: u64) {
+    for sector in 0..sectors {
+        let last = (0..total).rev().find(|n| n % sectors == sector);
         let want = last.map_or_else(
-            || pattern(SECTORS as usize * 512)[sector as usize * 512],
+            || pattern(sectors as usize * 512)[sector as usize * 512],
             |n| (n % 251) as u8,
         );
         let got = &image[sector as usize * 512..(sector as usize + 1) * 512];
@@ -904,9 +913,4 @@ fn a_device_killed_mid_queue_completes_every_request_exactly_once() {
             got[0]
         );
     }
-    let log = h.log_text();
-    assert!(
-        log.contains("resuming the queue after a restart"),
-        "log:\n{log}"
-    );
 }
