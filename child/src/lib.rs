@@ -10,6 +10,8 @@
 //! Trusts: the supervisor (its parent) for the bootstrap message, which is still validated.
 //! Touches: fd 3 and the descriptors it receives; nothing by path.
 
+pub mod guest_ram;
+
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use proto::bootstrap::FdRole;
 use proto::channel::{Channel, ChannelError, ChannelKind};
-use proto::device::{BlockSetup, DeviceInfo, FromDevice, MemoryRegion, QueueConfig, ToDevice};
+use proto::device::{BlockSetup, DeviceInfo, FromDevice, QueueConfig, ToDevice};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::config::{DEVICE_TYPE_BLOCK, DiskGeometry, MAX_QUEUE_SIZE, bit};
 use crate::disk::{Disk, DiskError, FileDisk};
@@ -33,9 +33,7 @@ pub enum DeviceError {
     #[error("invalid block setup")]
     Setup(#[from] proto::device::DeviceMessageError),
     #[error("mapping guest memory failed")]
-    Memory(#[from] vm_memory::mmap::FromRangesError),
-    #[error("duplicating the guest memory descriptor failed")]
-    DupMemory(#[source] std::io::Error),
+    Memory(#[from] child::guest_ram::GuestRamError),
     #[error("opening the disk failed")]
     Disk(#[from] DiskError),
     #[error("the runner channel failed")]
@@ -56,27 +54,6 @@ pub struct DeviceFds {
     pub runner: Channel,
     /// The supervisor's in-flight region; without it a restart replays nothing.
     pub inflight: Option<OwnedFd>,
-}
-
-/// Maps `regions` of the guest RAM memfd, each at its file offset.
-pub fn map_memory(
-    memfd: &OwnedFd,
-    regions: &[MemoryRegion],
-) -> Result<GuestMemoryMmap, DeviceError> {
-    let mut sorted = regions.to_vec();
-    sorted.sort_by_key(|r| r.guest_addr);
-    let mut ranges = Vec::with_capacity(sorted.len());
-    for r in sorted {
-        let file = File::from(memfd.try_clone().map_err(DeviceError::DupMemory)?);
-        let size = usize::try_from(r.size)
-            .map_err(|_| DeviceError::Setup(proto::device::DeviceMessageError::Memory))?;
-        ranges.push((
-            GuestAddress(r.guest_addr),
-            size,
-            Some(FileOffset::new(file, r.file_offset)),
-        ));
-    }
-    Ok(GuestMemoryMmap::from_ranges_with_files(ranges)?)
 }
 
 /// A configured device, serving its runner channel.
@@ -105,7 +82,7 @@ impl Device {
     /// Maps memory and opens the disk described by `setup`.
     pub fn new(setup: &BlockSetup, fds: DeviceFds) -> Result<Device, DeviceError> {
         setup.validate()?;
-        let mem = map_memory(&fds.memory, &setup.memory)?;
+        let mem = child::guest_ram::map_guest_ram(&fds.memory, &setup.memory)?;
         let disk = FileDisk::new(File::from(fds.disk))?;
         let inflight = match fds.inflight {
             Some(fd) => Region::map(fd)?,

@@ -19,10 +19,10 @@ use std::os::fd::OwnedFd;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use proto::bootstrap::FdRole;
 use proto::channel::{Channel, ChannelError, ChannelKind};
-use proto::device::{DeviceInfo, FromDevice, MemoryRegion, NetSetup, QueueConfig, ToDevice};
+use proto::device::{DeviceInfo, FromDevice, NetSetup, QueueConfig, ToDevice};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::QueueT;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use crate::config::{self, DEVICE_TYPE_NET, MAX_QUEUE_SIZE, Negotiated, bit};
 use crate::header::{HEADER_LEN, MAX_GSO_FRAME};
@@ -52,9 +52,7 @@ pub enum DeviceError {
     #[error("invalid net setup")]
     Setup(#[from] proto::device::DeviceMessageError),
     #[error("mapping guest memory failed")]
-    Memory(#[from] vm_memory::mmap::FromRangesError),
-    #[error("duplicating the guest memory descriptor failed")]
-    DupMemory(#[source] std::io::Error),
+    Memory(#[from] child::guest_ram::GuestRamError),
     #[error("the tap cannot be used")]
     Tap(#[from] TapError),
     #[error("the runner channel failed")]
@@ -69,27 +67,6 @@ pub struct DeviceFds {
     pub memory: OwnedFd,
     pub tap: OwnedFd,
     pub runner: Channel,
-}
-
-/// Maps `regions` of the guest RAM memfd, each at its file offset.
-pub fn map_memory(
-    memfd: &OwnedFd,
-    regions: &[MemoryRegion],
-) -> Result<GuestMemoryMmap, DeviceError> {
-    let mut sorted = regions.to_vec();
-    sorted.sort_by_key(|r| r.guest_addr);
-    let mut ranges = Vec::with_capacity(sorted.len());
-    for r in sorted {
-        let file = File::from(memfd.try_clone().map_err(DeviceError::DupMemory)?);
-        let size = usize::try_from(r.size)
-            .map_err(|_| DeviceError::Setup(proto::device::DeviceMessageError::Memory))?;
-        ranges.push((
-            GuestAddress(r.guest_addr),
-            size,
-            Some(FileOffset::new(file, r.file_offset)),
-        ));
-    }
-    Ok(GuestMemoryMmap::from_ranges_with_files(ranges)?)
 }
 
 /// The queues of an activated device.
@@ -148,7 +125,7 @@ impl Device {
     /// Maps memory and sets up the tap described by `setup`.
     pub fn new(setup: &NetSetup, fds: DeviceFds) -> Result<Device, DeviceError> {
         setup.validate()?;
-        let mem = map_memory(&fds.memory, &setup.memory)?;
+        let mem = child::guest_ram::map_guest_ram(&fds.memory, &setup.memory)?;
         let tap = Tap::new(fds.tap)?;
         let info = DeviceInfo {
             device_type: DEVICE_TYPE_NET,
