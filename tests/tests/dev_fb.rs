@@ -641,7 +641,15 @@ fn a_mode_change_reaches_clients_as_a_desktop_size_and_bad_modes_are_refused() {
         }
         assert_eq!(rects[0].encoding, pseudo, "{rects:?}");
         assert_eq!((c.width, c.height), (800, 600));
-        // The whole new screen follows in the same update.
+        // The whole new screen follows in the same update; the test's paint may land after
+        // that scan, and then arrives as an incremental update.
+        for _ in 0..5 {
+            if c.pixel(710, 510) == 0x00ff_0000 {
+                break;
+            }
+            c.request_all(true).unwrap();
+            c.read_update().unwrap();
+        }
         assert_eq!(c.pixel(710, 510), 0x00ff_0000);
     }
     d.stride = WIDTH * 4;
