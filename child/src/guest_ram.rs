@@ -4,7 +4,8 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 
-use proto::device::MemoryRegion;
+use proto::device::{MemoryRegion, QueueConfig};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 /// Why guest RAM could not be mapped.
@@ -37,6 +38,39 @@ pub fn map_guest_ram(
         ));
     }
     Ok(GuestMemoryMmap::from_ranges_with_files(ranges)?)
+}
+
+/// A `virtio-queue` `Queue` of at most `max_size` entries for a queue the driver set up,
+/// checked against guest memory (§2.7: sizes, alignment, rings in RAM), resuming from the
+/// used index in guest memory: 0 for rings a driver just set up, the previous process's
+/// progress when a restarted device gets the same `Activate`. An error is the `NeedsReset`
+/// reason.
+pub fn build_queue(
+    c: &QueueConfig,
+    max_size: u16,
+    event_idx: bool,
+    mem: &GuestMemoryMmap,
+) -> Result<Queue, String> {
+    let mut q = Queue::new(max_size).map_err(|e| e.to_string())?;
+    q.try_set_size(c.size)
+        .map_err(|e| format!("queue {}: size {}: {e}", c.index, c.size))?;
+    q.try_set_desc_table_address(GuestAddress(c.desc))
+        .map_err(|e| format!("queue {}: descriptor table: {e}", c.index))?;
+    q.try_set_avail_ring_address(GuestAddress(c.avail))
+        .map_err(|e| format!("queue {}: avail ring: {e}", c.index))?;
+    q.try_set_used_ring_address(GuestAddress(c.used))
+        .map_err(|e| format!("queue {}: used ring: {e}", c.index))?;
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    if !q.is_valid(mem) {
+        return Err(format!("queue {}: rings outside guest memory", c.index));
+    }
+    let used = q
+        .used_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_err(|e| format!("queue {}: used index: {e}", c.index))?;
+    q.set_next_used(used.0);
+    q.set_next_avail(used.0);
+    Ok(q)
 }
 
 #[cfg(test)]

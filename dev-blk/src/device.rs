@@ -12,7 +12,7 @@ use proto::device::{BlockSetup, DeviceInfo, FromDevice, QueueConfig, ToDevice};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use crate::config::{DEVICE_TYPE_BLOCK, DiskGeometry, MAX_QUEUE_SIZE, bit};
 use crate::disk::{Disk, DiskError, FileDisk};
@@ -286,36 +286,13 @@ impl Device {
     }
 }
 
-/// A `Queue` for `c`, checked against guest memory (§2.7: sizes, alignment, rings in RAM).
+/// A `Queue` for `c` of at most [`MAX_QUEUE_SIZE`] entries ([`child::guest_ram::build_queue`]).
 pub fn build_queue(
     c: &QueueConfig,
     event_idx: bool,
     mem: &GuestMemoryMmap,
 ) -> Result<Queue, String> {
-    let mut q = Queue::new(MAX_QUEUE_SIZE).map_err(|e| e.to_string())?;
-    q.try_set_size(c.size)
-        .map_err(|e| format!("queue {}: size {}: {e}", c.index, c.size))?;
-    q.try_set_desc_table_address(GuestAddress(c.desc))
-        .map_err(|e| format!("queue {}: descriptor table: {e}", c.index))?;
-    q.try_set_avail_ring_address(GuestAddress(c.avail))
-        .map_err(|e| format!("queue {}: avail ring: {e}", c.index))?;
-    q.try_set_used_ring_address(GuestAddress(c.used))
-        .map_err(|e| format!("queue {}: used ring: {e}", c.index))?;
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    if !q.is_valid(mem) {
-        return Err(format!("queue {}: rings outside guest memory", c.index));
-    }
-    // Resume from the used index in guest memory: 0 for rings a driver just set up, the
-    // previous process's progress when a restarted device gets the same `Activate`. (Chains
-    // that process had popped but not completed are not replayed yet: that needs the
-    // in-flight region.)
-    let used = q
-        .used_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .map_err(|e| format!("queue {}: used index: {e}", c.index))?;
-    q.set_next_used(used.0);
-    q.set_next_avail(used.0);
-    Ok(q)
+    child::guest_ram::build_queue(c, MAX_QUEUE_SIZE, event_idx, mem)
 }
 
 /// Whether the supervisor closed the bootstrap channel (other traffic is read and dropped).
@@ -344,6 +321,7 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::GuestAddress;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("memory")

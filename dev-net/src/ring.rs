@@ -171,34 +171,13 @@ pub fn check(
     })
 }
 
-/// A `Queue` for a queue the driver set up, checked against guest memory (§2.7: sizes,
-/// alignment, rings in RAM), resuming from the used index in guest memory (0 for fresh rings,
-/// the previous process's progress after a restart).
+/// A `Queue` for `c` of at most [`MAX_QUEUE_SIZE`] entries ([`child::guest_ram::build_queue`]).
 pub fn build_queue(
     c: &proto::device::QueueConfig,
     event_idx: bool,
     mem: &GuestMemoryMmap,
 ) -> Result<Queue, String> {
-    let mut q = Queue::new(MAX_QUEUE_SIZE).map_err(|e| e.to_string())?;
-    q.try_set_size(c.size)
-        .map_err(|e| format!("queue {}: size {}: {e}", c.index, c.size))?;
-    q.try_set_desc_table_address(GuestAddress(c.desc))
-        .map_err(|e| format!("queue {}: descriptor table: {e}", c.index))?;
-    q.try_set_avail_ring_address(GuestAddress(c.avail))
-        .map_err(|e| format!("queue {}: avail ring: {e}", c.index))?;
-    q.try_set_used_ring_address(GuestAddress(c.used))
-        .map_err(|e| format!("queue {}: used ring: {e}", c.index))?;
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    if !q.is_valid(mem) {
-        return Err(format!("queue {}: rings outside guest memory", c.index));
-    }
-    let used = q
-        .used_idx(mem, Ordering::Acquire)
-        .map_err(|e| format!("queue {}: used index: {e}", c.index))?;
-    q.set_next_used(used.0);
-    q.set_next_avail(used.0);
-    Ok(q)
+    child::guest_ram::build_queue(c, MAX_QUEUE_SIZE, event_idx, mem)
 }
 
 /// The device side of a used ring: elements are written with [`UsedRing::push`] and become
