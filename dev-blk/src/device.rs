@@ -17,13 +17,8 @@ use vm_memory::GuestMemoryMmap;
 use crate::config::{DEVICE_TYPE_BLOCK, DiskGeometry, MAX_QUEUE_SIZE, bit};
 use crate::disk::{Disk, DiskError, FileDisk};
 use crate::inflight::{InflightError, QueueLog, Region};
-use crate::pool::{Pool, PoolError};
 use crate::queue_loop::{self, QueueHandle, Rings, Shared};
 use crate::request::Context;
-
-/// I/O worker threads per device. Measured with `scripts/bench-blk.sh` (`O_DIRECT`, queue depth
-/// 32, 2 CPUs): 4 threads starve 4 KiB random I/O, 32 spend the CPUs on wake-ups; 12 did best.
-pub const IO_THREADS: usize = 12;
 
 /// Why the device could not start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +33,6 @@ pub enum DeviceError {
     Disk(#[from] DiskError),
     #[error("the runner channel failed")]
     Channel(#[from] ChannelError),
-    #[error("starting the I/O pool failed")]
-    Pool(#[from] PoolError),
     #[error("waiting on the channels failed")]
     Poll(#[source] nix::errno::Errno),
     #[error("the in-flight region cannot be used")]
@@ -64,7 +57,6 @@ pub struct Device {
     mem: Arc<GuestMemoryMmap>,
     disk: Arc<dyn Disk>,
     runner: Arc<Channel>,
-    pool: Arc<Pool>,
     inflight: Arc<Region>,
     queues: Vec<QueueHandle>,
 }
@@ -108,7 +100,6 @@ impl Device {
             mem: Arc::new(mem),
             disk: Arc::new(disk),
             runner: Arc::new(fds.runner),
-            pool: Arc::new(Pool::new(IO_THREADS)?),
             inflight: Arc::new(inflight),
             queues: Vec::new(),
         })
@@ -232,7 +223,7 @@ impl Device {
             mem: Arc::clone(&self.mem),
             disk: Arc::clone(&self.disk),
             ctx,
-            pool: Arc::clone(&self.pool),
+            workers: queue_loop::WORKERS_PER_QUEUE,
             on_broken: Arc::new(move |index, e| {
                 let reason = format!("queue {index}: {}", error_chain(e));
                 tracing::warn!(%reason, "device needs reset");

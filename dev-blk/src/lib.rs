@@ -10,8 +10,8 @@
 //! - [`request`]: the pure request path — chain → [`request::Request`] → status + used length.
 //! - [`disk`]: the [`disk::Disk`] trait and its file implementation (`preadv`/`pwritev` straight
 //!   into guest memory, `fdatasync`, `fallocate`).
-//! - [`queue_loop`]: one thread per virtqueue (kick/call eventfds, `EVENT_IDX`).
-//! - [`pool`]: the bounded I/O worker pool shared by the queues.
+//! - [`queue_loop`]: a leader/follower set of worker threads per virtqueue (kick/call
+//!   eventfds, `EVENT_IDX`): each worker pops a chain, runs it and publishes its completion.
 //! - [`config`]: feature bits and the configuration space.
 //! - [`device`]: the control side (`Info`, `Activate`, `Reset`).
 //!
@@ -24,7 +24,6 @@ pub mod config;
 pub mod device;
 pub mod disk;
 pub mod inflight;
-pub mod pool;
 pub mod queue_loop;
 pub mod request;
 

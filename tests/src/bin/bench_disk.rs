@@ -2,18 +2,22 @@
 //! (`cache=none`), on the same raw image size, the same guest, in one run.
 //!
 //! The guest is the kit (Debian kernel + busybox) with the agent; each VMM gets
-//! a fresh raw image of `--size` MiB as its first virtio disk. In the guest,
-//! busybox `dd` with `O_DIRECT` (`iflag=`/`oflag=direct`) moves `--size` MiB
-//! in 1 MiB blocks (sequential write, then read) and 16 MiB in 4 KiB blocks
-//! (queue depth 1: busybox has no fio), and prints its own rate. The guest's
+//! a fresh raw image of `--size` MiB as its first virtio disk, opened `O_DIRECT`
+//! by both (capvm `disk0_opts="direct"`, QEMU `cache=none`; through a loop
+//! device where the image's file system has no `O_DIRECT`, as tmpfs inside the
+//! test host). In the guest, busybox `dd` with `O_DIRECT` moves `--size` MiB in
+//! 1 MiB blocks (sequential write, then read) and 16 MiB in 4 KiB blocks (queue
+//! depth 1: busybox has no fio), timed by the guest's own uptime. The guest's
 //! figures are what the user sees; the ratio capvm/QEMU is printed per row.
 //!
 //! Usage: `bench_disk [--runs N] [--size MIB]`; `scripts/bench-disk.sh` runs
 //! it where KVM runs ordinary guests (inside the test host on PVM machines).
 
 use std::fs;
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -27,11 +31,13 @@ const BOOT_TIMEOUT: Duration = Duration::from_mins(3);
 const CMD_TIMEOUT: Duration = Duration::from_mins(5);
 const IMAGE: &str = "bench-disk.img";
 
-/// capvm with one virtio-blk disk: the `vm` launcher's datastore plus `disk0`.
+/// capvm with one virtio-blk disk: the `vm` launcher's datastore plus `disk0`, opened
+/// `O_DIRECT` (`disk0_opts="direct"`, as QEMU's `cache=none`).
 #[derive(Debug)]
 struct CapvmWithDisk {
     inner: CapvmLauncher,
     size_mib: u64,
+    disks: Disks,
 }
 
 impl Launcher for CapvmWithDisk {
@@ -42,17 +48,14 @@ impl Launcher for CapvmWithDisk {
     fn command(&self, spec: &GuestSpec, workdir: &Path) -> Result<Command, LaunchError> {
         let command = self.inner.command(spec, workdir)?;
         let dir = workdir.join("vms").join(&self.inner.name);
-        let prepare = |path: std::path::PathBuf, r: std::io::Result<()>| {
-            r.map_err(|source| LaunchError::Prepare { path, source })
-        };
-        let image = dir.join(IMAGE);
-        prepare(image.clone(), make_image(&image, self.size_mib))?;
+        let disk = self.disks.make(&dir.join(IMAGE), self.size_mib)?;
         let conf = dir.join(format!("{}.conf", self.inner.name));
         let text = format!(
-            "{}disk0_type=\"virtio-blk\"\ndisk0_name=\"{IMAGE}\"\n",
-            fs::read_to_string(&conf).unwrap_or_default()
+            "{}disk0_type=\"virtio-blk\"\ndisk0_dev=\"custom\"\ndisk0_name=\"{}\"\ndisk0_opts=\"direct\"\n",
+            fs::read_to_string(&conf).unwrap_or_default(),
+            disk.display()
         );
-        prepare(conf.clone(), fs::write(&conf, text))?;
+        fs::write(&conf, text).map_err(|source| LaunchError::Prepare { path: conf, source })?;
         Ok(command)
     }
 }
@@ -62,6 +65,7 @@ impl Launcher for CapvmWithDisk {
 struct QemuWithDisk {
     inner: QemuLauncher,
     size_mib: u64,
+    disks: Disks,
 }
 
 impl Launcher for QemuWithDisk {
@@ -70,22 +74,74 @@ impl Launcher for QemuWithDisk {
     }
 
     fn command(&self, spec: &GuestSpec, workdir: &Path) -> Result<Command, LaunchError> {
-        let image = workdir.join(IMAGE);
-        make_image(&image, self.size_mib).map_err(|source| LaunchError::Prepare {
-            path: image.clone(),
-            source,
-        })?;
+        let disk = self.disks.make(&workdir.join(IMAGE), self.size_mib)?;
         let mut command = self.inner.command(spec, workdir)?;
         command.args([
             "-drive".to_owned(),
             format!(
                 "file={},if=none,id=d0,format=raw,cache=none,aio=threads",
-                image.display()
+                disk.display()
             ),
             "-device".to_owned(),
             "virtio-blk-pci,drive=d0".to_owned(),
         ]);
         Ok(command)
+    }
+}
+
+/// The disks a launcher made: a fresh raw image each time, used directly where its file
+/// system supports `O_DIRECT`, else (tmpfs, inside the test host) through a loop device,
+/// which does. Loop devices are detached when the launcher goes.
+#[derive(Debug, Default)]
+struct Disks {
+    loops: Mutex<Vec<PathBuf>>,
+}
+
+impl Disks {
+    /// Makes a zeroed image of `size_mib` at `image`; returns the path both VMMs open.
+    fn make(&self, image: &Path, size_mib: u64) -> Result<PathBuf, LaunchError> {
+        let prepare = |source| LaunchError::Prepare {
+            path: image.to_path_buf(),
+            source,
+        };
+        make_image(image, size_mib).map_err(prepare)?;
+        let direct = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+            .open(image);
+        if direct.is_ok() {
+            return Ok(image.to_path_buf());
+        }
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(image)
+            .output()
+            .map_err(prepare)?;
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !out.status.success() || dev.is_empty() {
+            return Err(prepare(std::io::Error::other(format!(
+                "no O_DIRECT on the image's file system and losetup failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))));
+        }
+        let dev = PathBuf::from(dev);
+        self.loops
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(dev.clone());
+        Ok(dev)
+    }
+}
+
+impl Drop for Disks {
+    fn drop(&mut self) {
+        let loops = self
+            .loops
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for dev in loops.drain(..) {
+            let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+        }
     }
 }
 
@@ -104,10 +160,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// One row: the dd command and what it measures.
+/// One row: the dd command and the bytes it moves.
 struct Row {
     name: &'static str,
     dd: String,
+    bytes: u64,
 }
 
 fn rows(size_mib: u64) -> Vec<Row> {
@@ -115,18 +172,22 @@ fn rows(size_mib: u64) -> Vec<Row> {
         Row {
             name: "seq-write-1M",
             dd: format!("dd if=/dev/zero of=/dev/vda bs=1M count={size_mib} oflag=direct"),
+            bytes: size_mib << 20,
         },
         Row {
             name: "seq-read-1M",
             dd: format!("dd if=/dev/vda of=/dev/null bs=1M count={size_mib} iflag=direct"),
+            bytes: size_mib << 20,
         },
         Row {
             name: "write-4k-qd1",
             dd: "dd if=/dev/zero of=/dev/vda bs=4k count=4096 oflag=direct".into(),
+            bytes: 4096 * 4096,
         },
         Row {
             name: "read-4k-qd1",
             dd: "dd if=/dev/vda of=/dev/null bs=4k count=4096 iflag=direct".into(),
+            bytes: 4096 * 4096,
         },
     ]
 }
@@ -164,10 +225,12 @@ fn run() -> anyhow::Result<()> {
         Box::new(CapvmWithDisk {
             inner: CapvmLauncher::new("bench"),
             size_mib,
+            disks: Disks::default(),
         }),
         Box::new(QemuWithDisk {
             inner: qemu,
             size_mib,
+            disks: Disks::default(),
         }),
     ];
     let rows = rows(size_mib);
@@ -179,7 +242,7 @@ fn run() -> anyhow::Result<()> {
                 Ok(rates) => {
                     for (r, rate) in rates.into_iter().enumerate() {
                         println!(
-                            "MEASURE bench_disk vmm={} run={run} row={} mb_s={rate:.1}",
+                            "MEASURE bench_disk vmm={} run={run} row={} mb_s={rate:.3}",
                             launcher.name(),
                             rows.get(r).map_or("?", |row| row.name)
                         );
@@ -194,7 +257,7 @@ fn run() -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<14} {:>12} {:>12} {:>8}  (medians, MB/s as busybox dd reports)",
+        "{:<14} {:>12} {:>12} {:>8}  (medians, MB/s timed in the guest)",
         "row", "capvm", "qemu", "ratio"
     );
     for (r, row) in rows.iter().enumerate() {
@@ -205,7 +268,7 @@ fn run() -> anyhow::Result<()> {
                 .and_then(|v| median(v))
         };
         match (med(0), med(1)) {
-            (Some(c), Some(q)) => println!("{:<14} {c:>12.1} {q:>12.1} {:>8.2}", row.name, c / q),
+            (Some(c), Some(q)) => println!("{:<14} {c:>12.3} {q:>12.3} {:>8.2}", row.name, c / q),
             (c, q) => println!("{:<14} {c:>12?} {q:>12?}", row.name),
         }
     }
@@ -223,41 +286,51 @@ fn measure(launcher: &dyn Launcher, spec: &GuestSpec, rows: &[Row]) -> anyhow::R
     vm.wait_ready(BOOT_TIMEOUT)?;
     let mut rates = Vec::new();
     for row in rows {
-        let out = vm.run(&format!("{} 2>&1", row.dd), CMD_TIMEOUT)?;
-        if out.status != 0 {
+        // busybox dd prints no rate: the guest's own uptime (10 ms ticks) around it does.
+        let cmd = format!(
+            "cat /proc/uptime; {} 2>&1 || echo DD-FAILED; cat /proc/uptime",
+            row.dd
+        );
+        let out = vm.run(&cmd, CMD_TIMEOUT)?;
+        if out.status != 0 || out.output.contains("DD-FAILED") {
             bail!("{}: exit {}: {}", row.dd, out.status, out.output);
         }
-        rates.push(dd_rate(&out.output).with_context(|| format!("no rate in {:?}", out.output))?);
+        let secs = elapsed(&out.output).with_context(|| format!("no times in {:?}", out.output))?;
+        #[allow(clippy::cast_precision_loss)] // MB/s for a table
+        rates.push(row.bytes as f64 / 1e6 / secs);
     }
     let _ = vm.stop(Duration::from_mins(1));
     Ok(rates)
 }
 
-/// The MB/s busybox dd prints last: "... copied, 1.2 seconds, 103.7MB/s" (or kB/s, GB/s).
-fn dd_rate(output: &str) -> Option<f64> {
-    let last = output.lines().rev().find(|l| l.contains("copied"))?;
-    let rate = last.rsplit(", ").next()?.trim();
-    let (number, unit) = rate.split_at(rate.find(|c: char| c.is_ascii_alphabetic())?);
-    let n: f64 = number.trim().parse().ok()?;
-    let scale = match unit {
-        "B/s" => 1e-6,
-        "kB/s" | "KB/s" => 1e-3,
-        "MB/s" => 1.0,
-        "GB/s" => 1e3,
-        _ => return None,
-    };
-    Some(n * scale)
+/// Seconds between the first and the last `/proc/uptime` line of `output` (at least one
+/// tick, 10 ms).
+fn elapsed(output: &str) -> Option<f64> {
+    let uptimes: Vec<f64> = output
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let (up, idle) = (words.next()?, words.next()?);
+            (words.next().is_none() && idle.parse::<f64>().is_ok())
+                .then_some(up)?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let (first, last) = (uptimes.first()?, uptimes.last()?);
+    (uptimes.len() >= 2).then_some((last - first).max(0.01))
 }
 
 #[cfg(test)]
 mod unit {
-    use super::dd_rate;
+    use super::elapsed;
 
     #[test]
-    fn busybox_dd_rates_are_read_in_mb_per_second() {
-        let out = "128+0 records in\n128+0 records out\n134217728 bytes (128.0MB) copied, 1.250000 seconds, 102.4MB/s";
-        assert_eq!(dd_rate(out), Some(102.4));
-        assert_eq!(dd_rate("x copied, 2 seconds, 512.0kB/s"), Some(0.512));
-        assert_eq!(dd_rate("no rate here"), None);
+    fn the_time_between_the_guest_uptimes_is_the_elapsed_time() {
+        let out = "100.25 180.00\n128+0 records in\n128+0 records out\n101.75 181.00\n";
+        assert_eq!(elapsed(out), Some(1.5));
+        assert_eq!(elapsed("100.00 1.00\n100.00 1.00\n"), Some(0.01));
+        assert_eq!(elapsed("no times here"), None);
+        assert_eq!(elapsed("5.0 1.0\n"), None);
     }
 }
