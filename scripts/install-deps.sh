@@ -23,11 +23,13 @@ SRC
 fi
 
 # Debian packages: build tools, the test guests' ingredients (the kernel itself is fetched by
-# tests/kit/build.sh with apt-get download), and the tools the tests drive.
+# tests/kit/build.sh with apt-get download), and the tools the tests drive (TigerVNC's viewer
+# under Xvfb is one of the real VNC clients of tests/tests/vnc_clients.rs).
 APT_PACKAGES=(
     build-essential pkg-config
     busybox-static kmod cpio xz-utils
-    iproute2 iputils-ping openssl python3 python3-pip
+    iproute2 iputils-ping iperf3 openssl python3 python3-pip
+    tigervnc-viewer xvfb
 )
 BACKPORTS_PACKAGES=(qemu-system-x86 qemu-utils)
 
@@ -52,10 +54,15 @@ if [ "$need_qemu" = yes ]; then
     fi
 fi
 
-# Python packages for the tests (an FTP server for `vm iso ftp://…`).
-PIP_PACKAGES=(pyftpdlib)
-for p in "${PIP_PACKAGES[@]}"; do
-    python3 -c "import ${p}" 2>/dev/null || python3 -m pip install --quiet "$p"
+# Python packages for the tests, as PACKAGE:MODULE (the name pip installs, the name Python
+# imports): an FTP server for `vm iso ftp://…`; vncdotool, a real VNC client for
+# tests/tests/vnc_clients.rs, with Pillow (imported as PIL), which it depends on and the test
+# uses to read its PNGs and to grab Xvfb's screen.
+PIP_PACKAGES=(pyftpdlib:pyftpdlib vncdotool:vncdotool Pillow:PIL)
+for entry in "${PIP_PACKAGES[@]}"; do
+    package=${entry%%:*}
+    module=${entry#*:}
+    python3 -c "import ${module}" 2>/dev/null || python3 -m pip install --quiet "$package"
 done
 
 # Rust: capvm needs a stable toolchain >= 1.85 (edition 2024). Debian 12's rustc is too old;

@@ -8,10 +8,15 @@
 #   vmlinux        the same kernel uncompressed (ELF, boots via PVH: faster)
 #   kit.cpio       the guest kit: busybox, /init (init.sh), /bin/kit-test, the
 #                  virtio + bochs modules (modules.kit) with a load order
+#   kit-packages.cpio  the same plus the programs of packages.kit (iperf3)
+#                  with their libraries, for the benchmarks (a separate image:
+#                  8 MiB more initramfs cost ~10 s of boot nested under TCG)
 #   testhost.cpio  the same plus testhost-init.sh and modules.testhost, for the
 #                  emulated test host (tests/testhost.sh)
 #   kit.env        KEY=VALUE lines naming the files above
 #   *.modules      each initramfs' module load order; *.deps what it came from
+#   kit.packages   the Debian packages (name=version) packages.kit resolved to
+#   kit.files      the files those packages put into kit-packages.cpio
 #
 # Everything is cached under ${CAPVM_CACHE:-/var/cache/capvm}: the .debs in
 # debs/, each build in kit/<key>/ where <key> hashes every input (the files of
@@ -27,7 +32,7 @@
 # Env:   CAPVM_CACHE, CAPVM_KIT_COMPRESS=none|gzip (default none: faster to
 #        boot under TCG), CAPVM_KIT_KERNEL_PKG (pin a linux-image-* package).
 # Needs: apt-get, apt-cache, dpkg-deb, modinfo (kmod), cpio, tsort, sha256sum,
-#        flock; the apt lists (apt-get update) for the first build.
+#        flock, readelf (binutils); the apt lists (apt-get update).
 set -eu
 
 KIT_SRC=$(cd "$(dirname "$0")" && pwd)
@@ -57,8 +62,8 @@ case "${1:-}" in
 esac
 
 case "$COMPRESS" in none | gzip) ;; *) die "CAPVM_KIT_COMPRESS must be none or gzip" ;; esac
-for tool in apt-get apt-cache dpkg-deb modinfo cpio tsort sha256sum flock xz; do
-    command -v "$tool" >/dev/null || die "$tool not found (apt-get install kmod cpio coreutils util-linux)"
+for tool in apt-get apt-cache dpkg-deb modinfo cpio tsort sha256sum flock xz readelf; do
+    command -v "$tool" >/dev/null || die "$tool not found (apt-get install kmod cpio coreutils util-linux binutils)"
 done
 
 # One apt-cache call (about a second) resolves both packages' candidates:
@@ -76,14 +81,79 @@ fi
     die "cannot resolve linux-image-amd64 to a kernel package (run apt-get update)"
 [ -n "$bbver" ] || die "no candidate for busybox-static (run apt-get update)"
 
-inputs="build.sh init.sh kit-test.sh testhost-init.sh modules.kit modules.testhost"
+# packages.kit's packages and their dependency closure, "name=version" lines.
+# One apt-cache call per level of the dependency tree (four for iperf3).
+# Only the first alternative of "a | b" is followed; Architecture: all
+# packages (debconf, adduser, ...) hold no libraries and are not followed.
+resolve_packages() {
+    todo=$(sed 's/#.*//' "$KIT_SRC/packages.kit" | awk 'NF { print $1 }' | sort -u | tr '\n' ' ')
+    seen=" "
+    while [ -n "$(echo "$todo" | tr -d ' ')" ]; do
+        for want in $todo; do seen="$seen$want "; done
+        # shellcheck disable=SC2086 # one word per package
+        recs=$(apt-cache show --no-all-versions $todo 2>/dev/null) || true
+        # "name version arch dep dep ..." per record.
+        lines=$(echo "$recs" | awk '
+            function flush() { if (p != "") print p, v, a, d; p = ""; v = ""; a = ""; d = "" }
+            /^$/ { flush(); next }
+            $1 == "Package:" { p = $2 }
+            $1 == "Version:" { v = $2 }
+            $1 == "Architecture:" { a = $2 }
+            $1 == "Depends:" || $1 == "Pre-Depends:" {
+                line = $0; sub(/^[^:]*: */, "", line)
+                n = split(line, alts, ",")
+                for (i = 1; i <= n; i++) {
+                    dep = alts[i]; sub(/\|.*/, "", dep); sub(/\(.*/, "", dep)
+                    gsub(/[ \t]/, "", dep); sub(/:.*/, "", dep)
+                    if (dep != "") d = d " " dep
+                }
+            }
+            END { flush() }')
+        next_todo=" "
+        for want in $todo; do
+            echo "$lines" | awk -v n="$want" '$1 == n { f = 1 } END { exit !f }' ||
+                die "no candidate for package $want (packages.kit or a dependency; run apt-get update)"
+        done
+        while read -r name version arch deps; do
+            [ -n "$name" ] && [ "$arch" != all ] || continue
+            echo "$name=$version"
+            for dep in $deps; do
+                case "$seen$next_todo" in *" $dep "*) ;; *) next_todo="$next_todo$dep " ;; esac
+            done
+        done <<EOF
+$lines
+EOF
+        todo=$next_todo
+    done
+}
+# The closure only changes with packages.kit, the apt lists or apt's settings:
+# reuse the last resolution of the same inputs (apt-cache takes seconds a call
+# on a loaded machine; a cache hit of the kit must stay fast).
+apt_state=$({
+    cat "$KIT_SRC/packages.kit"
+    ls -lR --time-style=+%s /var/lib/apt/lists /etc/apt 2>/dev/null | grep -v ' lock$'
+} | sha256sum | cut -c1-16)
+resolved=$CACHE/kit/.packages-$apt_state
+if [ -f "$resolved" ]; then
+    packages=$(cat "$resolved")
+else
+    packages=$(resolve_packages) || exit 1
+    packages=$(echo "$packages" | sed '/^$/d' | sort -u)
+    mkdir -p "$CACHE/kit"
+    echo "$packages" >"$resolved.$$" && mv "$resolved.$$" "$resolved"
+    ls -1t "$CACHE"/kit/.packages-* 2>/dev/null | tail -n +6 | while read -r old; do rm -f "$old"; done
+fi
+
+inputs="build.sh init.sh kit-test.sh testhost-init.sh modules.kit modules.testhost packages.kit"
 key=$({
     echo "format=$KIT_FORMAT compress=$COMPRESS $kpkg=$kver busybox-static=$bbver"
+    echo "packages:" $packages
     for f in $inputs; do echo "== $f"; cat "$KIT_SRC/$f"; done
 } | sha256sum | cut -c1-16)
 out=$CACHE/kit/$key
 
 if [ "$FORCE" = 0 ] && [ -f "$out/kit.env" ]; then
+    touch "$out" 2>/dev/null || true # last use, for the rotation below
     log "cached: $out"
     echo "$out"
     exit 0
@@ -186,6 +256,78 @@ pack() {
     if [ "$COMPRESS" = gzip ]; then gzip -9 -n -c "$2.tmp" >"$2" && rm "$2.tmp"; else mv "$2.tmp" "$2"; fi
 }
 
+# A path inside the extracted packages ($work/pkgs) with its symlinks followed
+# inside that tree (libc6's /lib64/ld-linux-x86-64.so.2 is an absolute link).
+in_pkgs() {
+    _p=$1
+    _n=0
+    while [ -L "$work/pkgs$_p" ]; do
+        _n=$((_n + 1))
+        [ "$_n" -le 16 ] || return 1
+        _t=$(readlink "$work/pkgs$_p")
+        case "$_t" in /*) _p=$_t ;; *) _p=$(dirname "$_p")/$_t ;; esac
+    done
+    [ -f "$work/pkgs$_p" ] || return 1
+    echo "$_p"
+}
+
+# Where the dynamic loader looks when there is no ld.so.cache (Debian's
+# multiarch directories first); sonames are resolved in this order.
+LIB_DIRS="/lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu /lib64 /lib /usr/lib"
+
+# install_packages DIR : packages.kit's binaries and, recursively, their ELF
+# program interpreter and DT_NEEDED libraries (read with readelf), each
+# copied as a plain file to the path the loader asks for. DIR/etc/kit-files
+# lists what it added.
+install_packages() {
+    d=$1
+    : >"$d/etc/kit-files"
+    : >"$work/pkgs.copied"
+    [ -n "$packages" ] || return 0
+    mkdir -p "$work/pkgs"
+    for nv in $packages; do
+        dpkg-deb -x "$(fetch "${nv%%=*}" "${nv#*=}")" "$work/pkgs"
+    done
+    todo=$(sed 's/#.*//' "$KIT_SRC/packages.kit" | awk 'NF {
+        if (NF != 2 || $2 !~ /^\//) { print "kit: error: packages.kit: not \"package /path\": " $0 > "/dev/stderr"; exit 1 }
+        print $2 }') || exit 1
+    # A listed binary replaces a busybox applet of the same path.
+    for p in $todo; do rm -f "$d$p"; done
+    while [ -n "$(echo "$todo" | tr -d ' ')" ]; do
+        # shellcheck disable=SC2086 # one word per path
+        set -- $todo
+        p=$1
+        shift
+        todo="$*"
+        [ ! -e "$d$p" ] || continue
+        real=$(in_pkgs "$p") || die "$p is in none of these packages: $(echo $packages)"
+        mkdir -p "$d$(dirname "$p")"
+        # One copy of a file asked for by two paths (ld.so is both the
+        # interpreter /lib64/... and libc's NEEDED /lib/x86_64-linux-gnu/...).
+        first=$(awk -v r="$real" '$1 == r { print $2; exit }' "$work/pkgs.copied")
+        if [ -n "$first" ]; then
+            ln -s "$first" "$d$p"
+            continue
+        fi
+        cp "$work/pkgs$real" "$d$p"
+        echo "$real $p" >>"$work/pkgs.copied"
+        echo "$p" >>"$d/etc/kit-files"
+        interp=$(readelf -lW "$d$p" 2>/dev/null | sed -n 's/.*program interpreter: \(.*\)]$/\1/p')
+        [ -z "$interp" ] || todo="$todo $interp"
+        for so in $(readelf -dW "$d$p" 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'); do
+            found=
+            for dir in $LIB_DIRS; do
+                if in_pkgs "$dir/$so" >/dev/null; then
+                    found=$dir/$so
+                    break
+                fi
+            done
+            [ -n "$found" ] || die "$p needs $so, which none of these packages holds: $(echo $packages)"
+            todo="$todo $found"
+        done
+    done
+}
+
 mkdir -p "$work/out"
 cp "$work/k/boot/vmlinuz-$krel" "$work/out/vmlinuz"
 # The uncompressed ELF inside the bzImage boots through PVH (QEMU -kernel
@@ -198,6 +340,12 @@ tail -c +$((off + 1)) "$work/out/vmlinuz" | xz -dc --single-stream >"$work/out/v
 [ "$(head -c 4 "$work/out/vmlinux" | od -An -c | tr -d ' ')" = 177ELF ] || die "vmlinuz-$krel holds no ELF"
 stage "$work/kit" "$KIT_SRC/modules.kit"
 pack "$work/kit" "$work/out/kit.cpio"
+# The kit with packages.kit's programs, in an image of its own (the test host
+# runs the host's own programs over 9p and needs none of them).
+install_packages "$work/kit"
+cp "$work/kit/etc/kit-files" "$work/out/kit.files"
+echo "$packages" | sed '/^$/d' >"$work/out/kit.packages"
+pack "$work/kit" "$work/out/kit-packages.cpio"
 stage "$work/testhost" "$KIT_SRC/modules.kit" "$KIT_SRC/modules.testhost"
 install -m 755 "$KIT_SRC/testhost-init.sh" "$work/testhost/testhost-init.sh"
 pack "$work/testhost" "$work/out/testhost.cpio"
@@ -212,10 +360,12 @@ KIT_KEY=$key
 KIT_KERNEL=$out/vmlinuz
 KIT_VMLINUX=$out/vmlinux
 KIT_INITRD=$out/kit.cpio
+KIT_PACKAGES_INITRD=$out/kit-packages.cpio
 KIT_TESTHOST_INITRD=$out/testhost.cpio
 KIT_KERNEL_RELEASE=$krel
 KIT_KERNEL_PACKAGE=$kpkg=$kver
 KIT_BUSYBOX_PACKAGE=busybox-static=$bbver
+KIT_PACKAGES=$(echo $packages)
 KIT_COMPRESS=$COMPRESS
 EOF
 
@@ -223,8 +373,11 @@ rm -rf "$out"
 mv "$work/out" "$out"
 log "built $out in $(($(date +%s) - start)) s (kernel $krel)"
 
-# Keep the three most recent builds; older keys belong to older inputs.
+# Keep the three most recent builds; older keys belong to older inputs. A build
+# touched in the last two hours may still be booting guests of a run that
+# resolved it earlier (a benchmark, a test suite of another checkout): kept too.
+# (A cache hit touches its build, so this is the last use.)
 ls -1dt "$CACHE"/kit/*/ 2>/dev/null | tail -n +4 | while read -r old; do
-    rm -rf "$old"
+    [ -n "$(find "$old" -maxdepth 0 -mmin -120)" ] || rm -rf "$old"
 done
 echo "$out"
