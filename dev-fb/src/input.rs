@@ -1,11 +1,12 @@
 //! Keyboard and pointer input from VNC clients, in the form the guest's virtio-input devices
 //! take: evdev key codes and an absolute pointer scaled to `0..=ABS_MAX` on both axes.
 //!
-//! The VNC server hands every event to an [`InputSink`]. Until the virtio-input keyboard and
-//! tablet exist, the process uses an [`InputQueue`]: bounded, dropping the oldest events when a
-//! consumer falls behind, so a client flooding events cannot grow memory.
+//! The VNC server hands every event to an [`InputSink`]: in the process, the virtio-input
+//! keyboard and tablet ([`crate::virtio_input::InputDevices`]); in tests, an [`InputQueue`]:
+//! bounded, dropping the oldest events when a consumer falls behind.
 
 use std::collections::VecDeque;
+use std::os::fd::BorrowedFd;
 
 /// The largest absolute coordinate the tablet reports (`EV_ABS` range `0..=ABS_MAX`).
 pub const ABS_MAX: u16 = 32767;
@@ -26,6 +27,21 @@ pub enum InputEvent {
 /// Where the VNC server delivers input.
 pub trait InputSink {
     fn deliver(&mut self, event: InputEvent);
+
+    /// Descriptors the server's `poll` should also wait on for the sink (the virtio-input
+    /// devices' runner channels and kicks). The server passes what fired, in the same order,
+    /// to [`InputSink::poll_ready`] before anything else runs.
+    fn poll_fds(&mut self) -> Vec<BorrowedFd<'_>> {
+        Vec::new()
+    }
+
+    /// Which of the last [`InputSink::poll_fds`] are readable (or hung up).
+    fn poll_ready(&mut self, _ready: &[bool]) {}
+}
+
+/// Logs an event at trace level (the target tests and debugging filter on).
+pub fn log_event(event: &InputEvent) {
+    tracing::trace!(?event, "input");
 }
 
 /// A bounded queue of input events; when full, the oldest event is dropped.
@@ -65,7 +81,7 @@ impl InputSink for InputQueue {
             self.events.pop_front();
             self.dropped = self.dropped.saturating_add(1);
         }
-        tracing::trace!(?event, "input");
+        log_event(&event);
         self.events.push_back(event);
     }
 }

@@ -5,8 +5,11 @@
 //! the guest) and the listening VNC socket ([`FdRole::VncListener`], bound by the supervisor),
 //! enters capability mode (`child::start`, with this crate's `seccomp.policy`), reads a
 //! [`DisplaySetup`] on the bootstrap channel, maps the framebuffer read-only and serves VNC
-//! clients until the supervisor closes the channel. Mode changes arrive on the same channel as
-//! [`proto::display::ToDisplay`].
+//! clients until the supervisor closes the channel. Mode changes arrive on the runner's
+//! display channel ([`proto::display::ToDisplay`]). With a guest that has a keyboard (and a
+//! tablet) it also holds the guest RAM memfd and one [`FdRole::DeviceChannel`] per input
+//! device, reads a [`DeviceSetup::Input`] after the display setup and serves the virtio-input
+//! devices ([`virtio_input`]) in the same loop.
 //!
 //! Layout:
 //! - [`message`]: client messages and the version string, parsed with every length bounded.
@@ -17,14 +20,17 @@
 //! - [`pixel`]: client pixel formats and conversion from the guest's XRGB8888/RGB565.
 //! - [`auth`]: VNC Authentication (DES challenge).
 //! - [`keymap`], [`input`]: keysyms and XT scancodes to evdev codes; the [`input::InputSink`]
-//!   the virtio-input devices will consume.
+//!   the server delivers to.
+//! - [`virtio_input`]: the virtio-input keyboard and tablet.
 //!
 //! Trusts: its supervisor, for the bootstrap and setup (still validated). Trusts no VNC client
-//! and no byte of the framebuffer. Touches: only the descriptors it was given; it accepts on
-//! the listener but opens nothing.
+//! and no byte of the framebuffer or guest RAM, and the runner's messages only within their
+//! validated bounds. Touches: only the descriptors it was given; it accepts on the listener but
+//! opens nothing; guest RAM only through `vm-memory`'s bounds-checked accesses.
 //!
 //! [`FdRole::Framebuffer`]: proto::bootstrap::FdRole::Framebuffer
 //! [`FdRole::VncListener`]: proto::bootstrap::FdRole::VncListener
+//! [`FdRole::DeviceChannel`]: proto::bootstrap::FdRole::DeviceChannel
 
 // RFB message and field names (SetEncodings, ClientInit, CPIXEL) read better bare in prose.
 #![allow(clippy::doc_markdown)]
@@ -38,12 +44,16 @@ pub mod message;
 pub mod pixel;
 pub mod server;
 pub mod session;
+pub mod virtio_input;
 
 use std::net::TcpListener;
 
 use proto::bootstrap::FdRole;
-use proto::channel::ChannelError;
+use proto::channel::{Channel, ChannelError};
+use proto::device::{DeviceMessageError, DeviceSetup, InputSetup};
 use proto::display::{DisplayError, DisplaySetup};
+
+use virtio_input::{InputDevices, VirtioInput};
 
 /// This process's seccomp policy, on top of the sandbox's base policy.
 pub const SECCOMP_POLICY: &str = include_str!("../seccomp.policy");
@@ -66,6 +76,18 @@ pub enum RunError {
     Framebuffer(#[from] framebuffer::FramebufferError),
     #[error("the VNC server failed")]
     Server(#[from] server::ServerError),
+    #[error("reading the input setup failed")]
+    InputSetup(#[source] ChannelError),
+    #[error("the input setup is not an InputSetup")]
+    WrongInputSetup,
+    #[error("the input setup is invalid")]
+    InvalidInputSetup(#[from] DeviceMessageError),
+    #[error("the input setup names {devices} devices for {channels} device channels")]
+    InputChannels { devices: usize, channels: usize },
+    #[error("mapping guest memory failed")]
+    GuestMemory(#[from] child::guest_ram::GuestRamError),
+    #[error("starting the input devices failed")]
+    Input(#[from] virtio_input::InputError),
 }
 
 /// Runs the process: bootstrap, capability mode, display setup, then serve until the
@@ -88,6 +110,22 @@ pub fn run() -> Result<(), RunError> {
     let display = started
         .take_fd(&FdRole::DisplayChannel)
         .map(proto::Channel::from_fd);
+    let mut channels = Vec::new();
+    while let Some(fd) = started.take_fd(&FdRole::DeviceChannel) {
+        channels.push(Channel::from_fd(fd));
+    }
+    let memory = started.take_fd(&FdRole::GuestMemory);
+    let input = if channels.is_empty() {
+        InputDevices::default()
+    } else {
+        let Some(DeviceSetup::Input(input_setup)) =
+            child::recv_setup::<DeviceSetup>(&started.channel).map_err(RunError::InputSetup)?
+        else {
+            return Err(RunError::WrongInputSetup);
+        };
+        let memory = memory.ok_or(RunError::MissingFd(FdRole::GuestMemory))?;
+        start_input(&input_setup, &memory, channels)?
+    };
     let fb = framebuffer::Framebuffer::map(fb_fd, setup.framebuffer_bytes)?;
     tracing::info!(
         width = setup.width,
@@ -97,7 +135,41 @@ pub fn run() -> Result<(), RunError> {
         "serving VNC"
     );
     let name = started.bootstrap.vm_name.clone();
-    let mut server = server::Server::new(&fb, setup, name, listener, input::InputQueue::new());
+    let mut server = server::Server::new(&fb, setup, name, listener, input);
     server.serve(&started.channel, display.as_ref())?;
     Ok(())
+}
+
+/// Maps guest RAM and starts one virtio-input device per channel, as `setup` names them.
+fn start_input(
+    setup: &InputSetup,
+    memory: &std::os::fd::OwnedFd,
+    channels: Vec<Channel>,
+) -> Result<InputDevices, RunError> {
+    setup.validate()?;
+    if setup.devices.len() != channels.len() {
+        return Err(RunError::InputChannels {
+            devices: setup.devices.len(),
+            channels: channels.len(),
+        });
+    }
+    let mem = child::guest_ram::map_guest_ram(memory, &setup.memory)?;
+    let devices = setup
+        .devices
+        .iter()
+        .zip(channels)
+        .map(|(&kind, channel)| VirtioInput::start(kind, channel, mem.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(InputDevices::new(devices))
+}
+
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
 }

@@ -1,5 +1,6 @@
 //! The VNC server's event loop: one thread, `poll(2)` over the control channel, the listening
-//! socket and every client, all non-blocking.
+//! socket, every client and the input devices' descriptors (their runner channels and queue
+//! kicks), all non-blocking.
 //!
 //! Why one thread: all clients read the same framebuffer and share one change scan, the work
 //! per client is small next to the scan, and a single thread needs no locks and no `clone` in
@@ -209,8 +210,10 @@ impl<'a, S: InputSink> Server<'a, S> {
         let mut display = display;
         loop {
             let timeout = self.poll_timeout(Instant::now());
-            let (display_ready, control_ready, listener_ready, ready) = {
-                let mut fds = Vec::with_capacity(self.clients.len() + 3);
+            let (display_ready, control_ready, listener_ready, ready, input_ready) = {
+                let input_fds = self.input.poll_fds();
+                let inputs = input_fds.len();
+                let mut fds = Vec::with_capacity(self.clients.len() + 3 + inputs);
                 // The display channel's slot always exists (a closed one polls nothing).
                 let display_flags = if display.is_some() {
                     PollFlags::POLLIN
@@ -230,6 +233,12 @@ impl<'a, S: InputSink> Server<'a, S> {
                     }
                     fds.push(PollFd::new(c.stream.as_fd(), ev));
                 }
+                // The input devices' descriptors come last.
+                fds.extend(
+                    input_fds
+                        .into_iter()
+                        .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+                );
                 match poll(&mut fds, timeout) {
                     Ok(_) => {}
                     Err(nix::errno::Errno::EINTR) => continue,
@@ -240,13 +249,22 @@ impl<'a, S: InputSink> Server<'a, S> {
                 let display_ready = it.next().unwrap_or(PollFlags::empty());
                 let control_ready = it.next().unwrap_or(PollFlags::empty());
                 let listener_ready = it.next().unwrap_or(PollFlags::empty());
+                let mut ready = it.collect::<Vec<_>>();
+                let input_ready: Vec<bool> = ready
+                    .split_off(ready.len().saturating_sub(inputs))
+                    .into_iter()
+                    .map(|r| !r.is_empty())
+                    .collect();
                 (
                     display_ready,
                     control_ready,
                     listener_ready,
-                    it.collect::<Vec<_>>(),
+                    ready,
+                    input_ready,
                 )
             };
+            // Before anything else: the input sink's descriptors are as it listed them.
+            self.input.poll_ready(&input_ready);
             if let Some(channel) = display
                 && !display_ready.is_empty()
                 && !self.control(channel)?

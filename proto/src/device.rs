@@ -10,7 +10,9 @@
 //! 2. The device sends [`FromDevice::Info`]: its virtio device type, the features it offers,
 //!    its queue count and maximum size, its device-specific configuration space. The runner
 //!    waits for every device's `Info` before the first vCPU runs, and serves guest reads of the
-//!    configuration space from that copy (no round trip per read).
+//!    configuration space from that copy (no round trip per read). A device whose space is
+//!    addressed by selectors (virtio-input) sends [`FromDevice::InfoWithTable`] instead, with
+//!    every answer in a bounded [`ConfigTable`].
 //! 3. When the driver sets `DRIVER_OK`, the runner sends [`ToDevice::Activate`] with the
 //!    negotiated features and each enabled queue's size and ring addresses, and attaches two
 //!    eventfds per queue, in queue order: the kick (registered by the runner as a KVM
@@ -102,6 +104,9 @@ pub struct MemoryRegion {
 pub enum DeviceSetup {
     Block(BlockSetup),
     Net(NetSetup),
+    /// dev-fb's virtio-input devices; sent after its `DisplaySetup`, only when it holds
+    /// [`FdRole::DeviceChannel`](crate::bootstrap::FdRole::DeviceChannel)s.
+    Input(InputSetup),
 }
 
 /// A virtio-blk device (`diskN`).
@@ -260,6 +265,16 @@ pub enum FromDevice {
     NeedsReset {
         reason: String,
     },
+    /// [`FromDevice::Info`] for a device whose configuration space is addressed by selectors
+    /// (virtio-input, §5.8.4): the driver writes `select` and `subsel`, then reads `size` and
+    /// the payload `u`. A round trip to the device per selector write would race with the
+    /// driver's read, so the device sends every answer once, here, and the runner serves the
+    /// reads from `table` (an unknown selector reads as size 0). `info.config` is the
+    /// [`INPUT_CONFIG_BYTES`]-byte space with zeroes where the runner fills in the answers.
+    InfoWithTable {
+        info: DeviceInfo,
+        table: ConfigTable,
+    },
 }
 
 /// A device message or configuration outside its bounds.
@@ -289,6 +304,167 @@ pub enum DeviceMessageError {
     Mtu(u16),
     #[error("{0} queue pairs requested; only 1 is supported")]
     QueuePairs(u16),
+    #[error(
+        "a configuration table needs a virtio-input device with a {INPUT_CONFIG_BYTES}-byte space"
+    )]
+    TableLayout,
+    #[error("configuration table of {0} entries is not 1..={MAX_TABLE_ENTRIES}")]
+    TableSize(usize),
+    #[error("configuration table entry {select:#x}/{subsel:#x} is not a virtio-input selector")]
+    TableSelector { select: u8, subsel: u8 },
+    #[error("configuration table entry {select:#x}/{subsel:#x} repeated")]
+    TableDuplicate { select: u8, subsel: u8 },
+    #[error(
+        "configuration table entry {select:#x}/{subsel:#x} has {len} bytes, not 1..={MAX_TABLE_PAYLOAD}"
+    )]
+    TablePayload { select: u8, subsel: u8, len: usize },
+    #[error("input devices must be 1..={MAX_INPUT_DEVICES}, each kind at most once")]
+    InputDevices,
+}
+
+/// The virtio device type of an input device (§5.8.1).
+pub const VIRTIO_ID_INPUT: u16 = 18;
+/// Bytes of `virtio_input_config` (§5.8.4): `select`, `subsel`, `size`, 5 reserved bytes and
+/// the 128-byte payload `u`.
+pub const INPUT_CONFIG_BYTES: usize = 136;
+/// Largest payload of one selector (`u` of `virtio_input_config`).
+pub const MAX_TABLE_PAYLOAD: usize = 128;
+/// Most entries of a [`ConfigTable`]: names, ids, properties, one bitmap per event type
+/// (at most 32) and one `ABS_INFO` per axis a tablet reports, with room to spare.
+pub const MAX_TABLE_ENTRIES: usize = 64;
+/// Most virtio-input devices one dev-fb serves (a keyboard and a tablet).
+pub const MAX_INPUT_DEVICES: usize = 2;
+
+/// virtio-input's `select` values (§5.8.4, `virtio_input_config_select`).
+pub mod input_select {
+    pub const UNSET: u8 = 0x00;
+    pub const ID_NAME: u8 = 0x01;
+    pub const ID_SERIAL: u8 = 0x02;
+    pub const ID_DEVIDS: u8 = 0x03;
+    pub const PROP_BITS: u8 = 0x10;
+    pub const EV_BITS: u8 = 0x11;
+    pub const ABS_INFO: u8 = 0x12;
+}
+
+/// Highest evdev event type (`EV_MAX`), the largest `subsel` of an `EV_BITS` entry.
+const EV_MAX: u8 = 0x1f;
+/// Highest absolute axis (`ABS_MAX`), the largest `subsel` of an `ABS_INFO` entry.
+const ABS_AXIS_MAX: u8 = 0x3f;
+/// `virtio_input_devids`: bustype, vendor, product, version (le16 each).
+const DEVIDS_BYTES: usize = 8;
+/// `virtio_input_absinfo`: min, max, fuzz, flat, res (le32 each).
+const ABSINFO_BYTES: usize = 20;
+
+/// One answer of a selector-addressed configuration space: what the driver reads in `u`
+/// (and, as its length, in `size`) after writing `select` and `subsel`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigEntry {
+    pub select: u8,
+    pub subsel: u8,
+    /// 1..=[`MAX_TABLE_PAYLOAD`] bytes.
+    pub data: Vec<u8>,
+}
+
+/// Every answer of a selector-addressed configuration space ([`FromDevice::InfoWithTable`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigTable {
+    /// 1..=[`MAX_TABLE_ENTRIES`] entries, no `(select, subsel)` twice.
+    pub entries: Vec<ConfigEntry>,
+}
+
+impl ConfigTable {
+    /// The payload for `select`/`subsel`, if the device has one.
+    pub fn lookup(&self, select: u8, subsel: u8) -> Option<&[u8]> {
+        self.entries
+            .iter()
+            .find(|e| e.select == select && e.subsel == subsel)
+            .map(|e| e.data.as_slice())
+    }
+
+    /// [`ConfigTable::validate`], and that `info` is a device whose space the table can
+    /// answer: virtio-input with an [`INPUT_CONFIG_BYTES`]-byte space.
+    pub fn validate_for(&self, info: &DeviceInfo) -> Result<(), DeviceMessageError> {
+        if info.device_type != VIRTIO_ID_INPUT || info.config.len() != INPUT_CONFIG_BYTES {
+            return Err(DeviceMessageError::TableLayout);
+        }
+        self.validate()
+    }
+
+    /// Checks the bounds the runner relies on and the selectors against virtio-input's
+    /// (§5.8.4): names, serial, ids and property bits with `subsel` 0; event bitmaps for
+    /// event types up to `EV_MAX`; axis information for axes up to `ABS_MAX`, with the sizes
+    /// of `virtio_input_devids` and `virtio_input_absinfo`.
+    pub fn validate(&self) -> Result<(), DeviceMessageError> {
+        use input_select::{ABS_INFO, EV_BITS, ID_DEVIDS, ID_NAME, ID_SERIAL, PROP_BITS};
+        if self.entries.is_empty() || self.entries.len() > MAX_TABLE_ENTRIES {
+            return Err(DeviceMessageError::TableSize(self.entries.len()));
+        }
+        for (n, e) in self.entries.iter().enumerate() {
+            let (select, subsel, len) = (e.select, e.subsel, e.data.len());
+            let selector_ok = match select {
+                ID_NAME | ID_SERIAL | PROP_BITS => subsel == 0,
+                ID_DEVIDS => subsel == 0 && len == DEVIDS_BYTES,
+                EV_BITS => subsel <= EV_MAX,
+                ABS_INFO => subsel <= ABS_AXIS_MAX && len == ABSINFO_BYTES,
+                _ => false,
+            };
+            if !selector_ok {
+                return Err(DeviceMessageError::TableSelector { select, subsel });
+            }
+            if len == 0 || len > MAX_TABLE_PAYLOAD {
+                return Err(DeviceMessageError::TablePayload {
+                    select,
+                    subsel,
+                    len,
+                });
+            }
+            let earlier = self.entries.get(..n).unwrap_or_default();
+            if earlier
+                .iter()
+                .any(|x| x.select == select && x.subsel == subsel)
+            {
+                return Err(DeviceMessageError::TableDuplicate { select, subsel });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one of dev-fb's virtio-input devices is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InputKind {
+    /// Keys from VNC key events.
+    Keyboard,
+    /// An absolute pointer (`xhci_mouse="yes"`): VNC pointer events, buttons and wheel.
+    Tablet,
+}
+
+/// dev-fb's virtio-input devices: one per [`FdRole::DeviceChannel`] it holds, in that order.
+///
+/// [`FdRole::DeviceChannel`]: crate::bootstrap::FdRole::DeviceChannel
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputSetup {
+    /// The guest RAM layout, at most [`MAX_MEMORY_REGIONS`] non-overlapping regions.
+    pub memory: Vec<MemoryRegion>,
+    /// 1..=[`MAX_INPUT_DEVICES`], each kind at most once.
+    pub devices: Vec<InputKind>,
+}
+
+impl InputSetup {
+    /// Checks the bounds dev-fb relies on.
+    pub fn validate(&self) -> Result<(), DeviceMessageError> {
+        validate_memory(&self.memory)?;
+        let n = self.devices.len();
+        let repeated = self
+            .devices
+            .iter()
+            .enumerate()
+            .any(|(i, k)| self.devices.get(..i).unwrap_or_default().contains(k));
+        if n == 0 || n > MAX_INPUT_DEVICES || repeated {
+            return Err(DeviceMessageError::InputDevices);
+        }
+        Ok(())
+    }
 }
 
 fn check_queue_size(size: u16) -> Result<(), DeviceMessageError> {
@@ -385,6 +561,10 @@ impl FromDevice {
                     return Err(DeviceMessageError::Reason);
                 }
                 Ok(())
+            }
+            FromDevice::InfoWithTable { info, table } => {
+                info.validate()?;
+                table.validate_for(info)
             }
         }
     }
@@ -579,5 +759,148 @@ mod tests {
             reason: "\n".into(),
         };
         assert_eq!(bad.validate(), Err(DeviceMessageError::Reason));
+    }
+
+    fn entry(select: u8, subsel: u8, len: usize) -> ConfigEntry {
+        ConfigEntry {
+            select,
+            subsel,
+            data: vec![1; len],
+        }
+    }
+
+    fn input_info() -> DeviceInfo {
+        DeviceInfo {
+            device_type: VIRTIO_ID_INPUT,
+            features: 1 << 32,
+            queues: 2,
+            max_queue_size: 64,
+            config: vec![0; INPUT_CONFIG_BYTES],
+        }
+    }
+
+    #[test]
+    fn a_keyboard_table_is_valid_and_found_by_selector() {
+        use input_select::{EV_BITS, ID_DEVIDS, ID_NAME};
+        let table = ConfigTable {
+            entries: vec![
+                entry(ID_NAME, 0, 14),
+                entry(ID_DEVIDS, 0, 8),
+                entry(EV_BITS, 1, 96),
+                entry(EV_BITS, 0x14, 1),
+            ],
+        };
+        let msg = FromDevice::InfoWithTable {
+            info: input_info(),
+            table: table.clone(),
+        };
+        assert_eq!(msg.validate(), Ok(()));
+        assert_eq!(table.lookup(EV_BITS, 1).map(<[u8]>::len), Some(96));
+        assert_eq!(table.lookup(EV_BITS, 2), None);
+        assert_eq!(table.lookup(input_select::UNSET, 0), None);
+    }
+
+    #[test]
+    fn tables_with_bad_selectors_sizes_or_repeats_are_refused() {
+        use input_select::{ABS_INFO, EV_BITS, ID_DEVIDS, ID_NAME, PROP_BITS, UNSET};
+        let check = |entries| ConfigTable { entries }.validate();
+        assert_eq!(check(vec![]), Err(DeviceMessageError::TableSize(0)));
+        assert!(matches!(
+            check(vec![entry(ID_NAME, 0, 1); MAX_TABLE_ENTRIES + 1]),
+            Err(DeviceMessageError::TableSize(_))
+        ));
+        for (select, subsel, len) in [
+            (UNSET, 0, 4),
+            (0x04, 0, 4),
+            (0xff, 0, 4),
+            (ID_NAME, 1, 4),
+            (PROP_BITS, 3, 1),
+            (EV_BITS, 0x20, 1),
+            (ABS_INFO, 0x40, 20),
+            (ABS_INFO, 0, 19),
+            (ID_DEVIDS, 0, 4),
+        ] {
+            assert_eq!(
+                check(vec![entry(select, subsel, len)]),
+                Err(DeviceMessageError::TableSelector { select, subsel }),
+                "{select:#x}/{subsel:#x}/{len}"
+            );
+        }
+        assert!(matches!(
+            check(vec![entry(ID_NAME, 0, 129)]),
+            Err(DeviceMessageError::TablePayload { len: 129, .. })
+        ));
+        assert!(matches!(
+            check(vec![entry(EV_BITS, 1, 0)]),
+            Err(DeviceMessageError::TablePayload { len: 0, .. })
+        ));
+        assert_eq!(
+            check(vec![entry(EV_BITS, 1, 8), entry(EV_BITS, 1, 8)]),
+            Err(DeviceMessageError::TableDuplicate {
+                select: EV_BITS,
+                subsel: 1
+            })
+        );
+    }
+
+    #[test]
+    fn a_table_for_anything_but_a_virtio_input_space_is_refused() {
+        let table = ConfigTable {
+            entries: vec![entry(input_select::ID_NAME, 0, 4)],
+        };
+        let mut info = input_info();
+        info.device_type = 2;
+        let msg = FromDevice::InfoWithTable {
+            info,
+            table: table.clone(),
+        };
+        assert_eq!(msg.validate(), Err(DeviceMessageError::TableLayout));
+        let mut info = input_info();
+        info.config = vec![0; 60];
+        let msg = FromDevice::InfoWithTable { info, table };
+        assert_eq!(msg.validate(), Err(DeviceMessageError::TableLayout));
+    }
+
+    #[test]
+    fn input_setups_need_one_or_two_distinct_devices() {
+        let memory = vec![MemoryRegion {
+            guest_addr: 0,
+            size: 1 << 30,
+            file_offset: 0,
+        }];
+        let setup = |devices| InputSetup {
+            memory: memory.clone(),
+            devices,
+        };
+        assert_eq!(
+            setup(vec![InputKind::Keyboard, InputKind::Tablet]).validate(),
+            Ok(())
+        );
+        assert_eq!(setup(vec![InputKind::Tablet]).validate(), Ok(()));
+        for bad in [
+            vec![],
+            vec![InputKind::Keyboard, InputKind::Keyboard],
+            vec![InputKind::Keyboard, InputKind::Tablet, InputKind::Keyboard],
+        ] {
+            assert_eq!(setup(bad).validate(), Err(DeviceMessageError::InputDevices));
+        }
+        let mut s = setup(vec![InputKind::Keyboard]);
+        s.memory = vec![];
+        assert_eq!(s.validate(), Err(DeviceMessageError::Memory));
+    }
+
+    #[test]
+    fn a_table_message_round_trips_through_a_channel() {
+        use crate::Channel;
+        let (a, b) = Channel::pair().unwrap();
+        let msg = FromDevice::InfoWithTable {
+            info: input_info(),
+            table: ConfigTable {
+                entries: vec![entry(input_select::ID_SERIAL, 0, 128)],
+            },
+        };
+        a.send(&msg, &[]).unwrap();
+        let got: FromDevice = b.recv().unwrap().msg;
+        assert_eq!(got, msg);
     }
 }

@@ -62,12 +62,19 @@ pub enum ToRunner {
     /// (`DEVICE_NEEDS_RESET` and a configuration interrupt), so the driver sees it broken
     /// rather than waiting for ever.
     DeviceFailed { index: u16 },
+    /// dev-fb was restarted after its process died: the attached fd is the runner's end of
+    /// the new display channel. The runner sends mode changes there from now on, the current
+    /// mode first. (dev-fb's input devices come back through [`ToRunner::ReplaceDevice`].)
+    ReplaceDisplay,
 }
 
 impl ToRunner {
     /// How many fds must come with the message.
     pub fn fd_count(&self) -> usize {
-        usize::from(matches!(self, ToRunner::ReplaceDevice { .. }))
+        usize::from(matches!(
+            self,
+            ToRunner::ReplaceDevice { .. } | ToRunner::ReplaceDisplay
+        ))
     }
 }
 
@@ -260,5 +267,13 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn replacements_carry_exactly_one_descriptor() {
+        assert_eq!(ToRunner::ReplaceDisplay.fd_count(), 1);
+        assert_eq!(ToRunner::ReplaceDevice { index: 3 }.fd_count(), 1);
+        assert_eq!(ToRunner::DeviceFailed { index: 3 }.fd_count(), 0);
+        assert_eq!(ToRunner::PowerButton.fd_count(), 0);
     }
 }

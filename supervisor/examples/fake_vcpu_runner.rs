@@ -112,6 +112,9 @@ fn run(
                 let text = String::from_utf8_lossy(&info.config).into_owned();
                 let _ = write!(console, "fake: device {n}: {text}\r\n");
             }
+            Ok(FromDevice::InfoWithTable { info, .. }) => {
+                let _ = write!(console, "fake: device {n}: type {}\r\n", info.device_type);
+            }
             other => {
                 let reason = format!("device {n} sent no Info: {other:?}");
                 return channel.send(&FromRunner::failed(&reason), &[]);
@@ -178,6 +181,9 @@ fn serve(channel: &Channel, console: &mut File, ignore_power: bool) -> Result<()
                             Ok(FromDevice::Info(info)) => {
                                 String::from_utf8_lossy(&info.config).into_owned()
                             }
+                            Ok(FromDevice::InfoWithTable { info, .. }) => {
+                                format!("type {}", info.device_type)
+                            }
                             other => format!("no Info: {other:?}"),
                         };
                         let _ = write!(console, "fake: device {index} replaced: {text}\r\n");
@@ -185,6 +191,10 @@ fn serve(channel: &Channel, console: &mut File, ignore_power: bool) -> Result<()
                     }
                     (ToRunner::DeviceFailed { index }, _) => {
                         let _ = write!(console, "fake: device {index} failed\r\n");
+                    }
+                    (ToRunner::ReplaceDisplay, Some(fd)) => {
+                        let _ = write!(console, "fake: display replaced\r\n");
+                        replaced.push(Channel::from_fd(fd));
                     }
                     _ => {}
                 },

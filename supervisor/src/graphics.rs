@@ -4,7 +4,10 @@
 //! The supervisor creates what outlives a dev-fb process — the framebuffer memfd (the bochs
 //! display's BAR0 in the runner, mapped read-only by dev-fb) and the listening socket — and
 //! keeps them for the guest's whole run, so a restarted dev-fb serves the same picture on the
-//! same port. dev-fb only `accept`s on the socket: it cannot bind or open anything.
+//! same port. dev-fb only `accept`s on the socket: it cannot bind or open anything. dev-fb
+//! also serves the guest's virtio-input keyboard (and, with `xhci_mouse="yes"`, tablet): per
+//! boot it gets guest RAM and one device channel per input device, whose other ends go to the
+//! runner after the disks' and NICs' channels.
 //!
 //! The port: `graphics_port` if set (busy → a clear error), else the first free port from
 //! 5900 up. Binding is the reservation, so two guests starting at once cannot pick the same
@@ -16,6 +19,7 @@ use std::path::Path;
 use std::process::Child;
 
 use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
+use proto::device::{DeviceSetup, InputKind, InputSetup};
 use proto::display::{DisplaySetup, SharePolicy};
 
 use crate::guest_config::Graphics;
@@ -60,6 +64,8 @@ pub enum GraphicsError {
     Spawn(#[source] SpawnError),
     #[error("sending dev-fb its setup failed")]
     Setup(#[source] proto::ChannelError),
+    #[error("watching dev-fb failed")]
+    Pidfd(#[source] std::io::Error),
 }
 
 /// The framebuffer size for modes up to `width`×`height` at 32 bpp.
@@ -77,6 +83,8 @@ pub struct Console {
     /// Where the listener is bound (`vm list`'s VNC column).
     pub addr: SocketAddr,
     pub setup: DisplaySetup,
+    /// The guest gets a virtio tablet besides its keyboard (`xhci_mouse="yes"`).
+    pub tablet: bool,
 }
 
 impl Console {
@@ -103,7 +111,28 @@ impl Console {
             listener,
             addr,
             setup,
+            tablet: graphics.xhci_mouse,
         })
+    }
+
+    /// The virtio-input devices dev-fb serves the guest: a keyboard, and a tablet with
+    /// `xhci_mouse="yes"`. Their PCI slots follow the disks and NICs, in this order.
+    pub fn input_kinds(&self) -> Vec<InputKind> {
+        let mut kinds = vec![InputKind::Keyboard];
+        if self.tablet {
+            kinds.push(InputKind::Tablet);
+        }
+        kinds
+    }
+
+    /// How `vm info` names dev-fb: with the input devices it serves (one word, like the
+    /// other roles).
+    pub fn role(&self) -> String {
+        let mut role = String::from("dev-fb+keyboard");
+        if self.tablet {
+            role.push_str("+tablet");
+        }
+        role
     }
 
     /// `host:port` as `vm list` shows it.
@@ -135,12 +164,24 @@ pub fn bind(listen: IpAddr, port: Option<u16>) -> Result<(TcpListener, SocketAdd
     Err(GraphicsError::NoFreePort { listen })
 }
 
-/// A running dev-fb.
+/// A running dev-fb (or a dead one waiting for its restart).
 #[derive(Debug)]
 pub struct DevFb {
     pub process: Child,
     /// Closing it asks dev-fb to exit.
     pub bootstrap: proto::Channel,
+    /// Readable when the process has exited.
+    pub pidfd: OwnedFd,
+    /// Set once the process has been reaped.
+    pub status: Option<std::process::ExitStatus>,
+    /// How often it was restarted after dying (carried over to each new incarnation).
+    pub restarts: u32,
+    /// When it died, within the restart window (oldest first).
+    pub deaths: std::collections::VecDeque<std::time::Instant>,
+    /// When the next restart is due, if one is.
+    pub restart_at: Option<std::time::Instant>,
+    /// It died too often and is not restarted any more.
+    pub failed: bool,
 }
 
 impl DevFb {
@@ -150,10 +191,21 @@ impl DevFb {
 
     /// Kills (if still running) and reaps it.
     pub fn stop(&mut self) {
+        if self.status.is_some() {
+            return;
+        }
         if let Ok(None) = self.process.try_wait() {
             let _ = self.process.kill();
         }
-        let _ = self.process.wait();
+        if let Ok(status) = self.process.wait() {
+            self.status = Some(status);
+        }
+    }
+
+    /// Takes over the restart history of the incarnation it replaces.
+    pub fn succeed(&mut self, old: &mut DevFb) {
+        self.restarts = old.restarts.saturating_add(1);
+        self.deaths = std::mem::take(&mut old.deaths);
     }
 }
 
@@ -163,14 +215,25 @@ impl Drop for DevFb {
     }
 }
 
+/// What dev-fb needs to serve the guest's virtio-input devices: guest RAM, its layout and
+/// kinds, and dev-fb's end of one device channel per device (whose other ends the runner has).
+#[derive(Debug)]
+pub struct InputFds<'a> {
+    pub memory: BorrowedFd<'a>,
+    pub setup: InputSetup,
+    pub channels: Vec<BorrowedFd<'a>>,
+}
+
 /// Starts dev-fb for `console`: `[Log, Framebuffer, VncListener]` plus, when the runner has a
-/// display, its end of the display channel.
+/// display, its end of the display channel, and with `input`, `[GuestMemory, DeviceChannel…]`
+/// (the [`InputSetup`] follows the [`DisplaySetup`] on the bootstrap channel).
 pub fn start_dev_fb(
     binary: &Path,
     vm_name: &str,
     log: BorrowedFd<'_>,
     console: &Console,
     display_channel: Option<BorrowedFd<'_>>,
+    input: Option<&InputFds<'_>>,
 ) -> Result<DevFb, GraphicsError> {
     let (uid, gid) = sandbox::nobody();
     let mut roles = vec![FdRole::Log, FdRole::Framebuffer, FdRole::VncListener];
@@ -178,6 +241,14 @@ pub fn start_dev_fb(
     if let Some(channel) = display_channel {
         roles.push(FdRole::DisplayChannel);
         fds.push(channel);
+    }
+    if let Some(input) = input {
+        roles.push(FdRole::GuestMemory);
+        fds.push(input.memory);
+        for channel in &input.channels {
+            roles.push(FdRole::DeviceChannel);
+            fds.push(*channel);
+        }
     }
     let bootstrap = Bootstrap {
         role: Role::DevFb,
@@ -192,11 +263,32 @@ pub fn start_dev_fb(
             .unwrap_or_else(|_| "info".to_owned()),
     };
     let spawned = spawn::spawn(binary, &bootstrap, &fds).map_err(GraphicsError::Spawn)?;
-    let mut dev_fb = DevFb {
-        process: spawned.process,
-        bootstrap: spawned.channel,
+    let mut process = spawned.process;
+    let pidfd = match crate::monitor::runner::pidfd_open(process.id()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = process.kill();
+            let _ = process.wait();
+            return Err(GraphicsError::Pidfd(e));
+        }
     };
-    if let Err(source) = dev_fb.bootstrap.send(&console.setup, &[]) {
+    let mut dev_fb = DevFb {
+        process,
+        bootstrap: spawned.channel,
+        pidfd,
+        status: None,
+        restarts: 0,
+        deaths: std::collections::VecDeque::new(),
+        restart_at: None,
+        failed: false,
+    };
+    let mut sent = dev_fb.bootstrap.send(&console.setup, &[]);
+    if let (Ok(()), Some(input)) = (&sent, input) {
+        sent = dev_fb
+            .bootstrap
+            .send(&DeviceSetup::Input(input.setup.clone()), &[]);
+    }
+    if let Err(source) = sent {
         let _ = dev_fb.process.kill();
         let _ = dev_fb.process.wait();
         return Err(GraphicsError::Setup(source));

@@ -28,6 +28,7 @@ pub mod devices;
 pub mod network;
 pub mod runner;
 pub mod viewers;
+pub mod wait;
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -129,6 +130,8 @@ pub enum MonitorError {
     Signals(#[source] nix::Error),
     #[error("polling failed")]
     Poll(#[source] nix::Error),
+    #[error("waiting for a VNC client failed")]
+    Wait(#[source] nix::Error),
 }
 
 /// How the guest ended.
@@ -218,6 +221,8 @@ enum Token {
     Pidfd,
     /// The pidfd of device `n` of the current boot.
     DevicePidfd(usize),
+    /// The pidfd of the current boot's dev-fb.
+    DisplayPidfd,
     Console,
     ViewerIn(usize),
     ViewerOut(usize),
@@ -272,19 +277,7 @@ fn start_and_watch(
     on_started: &mut dyn FnMut(Result<(), String>),
 ) -> Result<Outcome, MonitorError> {
     let listener = control_socket::listen_at(&cfg.guest_dir)?;
-    let runner_log = open_log(&cfg.guest_dir.join(RUNNER_LOG_FILE))?;
-    let disk_logs = cfg
-        .plan
-        .disks
-        .iter()
-        .map(|d| open_log(&cfg.guest_dir.join(disk_log_file(d.index))))
-        .collect::<Result<Vec<_>, _>>()?;
-    let nic_logs = cfg
-        .plan
-        .nics
-        .iter()
-        .map(|n| open_log(&cfg.guest_dir.join(nic_log_file(n.index))))
-        .collect::<Result<Vec<_>, _>>()?;
+    let (runner_log, disk_logs, nic_logs) = open_logs(&cfg)?;
     let signals = block_signals()?;
     let network = match start_network(&cfg, log) {
         Ok(network) => network,
@@ -303,6 +296,30 @@ fn start_and_watch(
             on_started(Err(text));
             return Err(e);
         }
+    };
+    // With `graphics_wait`, `vm start` is told the guest started before the wait (vm-bhyve's
+    // start returns too); the boot's own report then goes nowhere.
+    let mut told_already = |_: Result<(), String>| {};
+    let on_started: &mut dyn FnMut(Result<(), String>) = match wait_before_boot(
+        &cfg,
+        log,
+        graphics.as_ref(),
+        &listener,
+        &signals,
+        on_started,
+    ) {
+        Ok(BeforeBoot::Boot { waited: false }) => on_started,
+        Ok(BeforeBoot::Boot { waited: true }) => &mut told_already,
+        Ok(BeforeBoot::Stopped(why)) => {
+            let _ = std::fs::remove_file(cfg.guest_dir.join(CONSOLE_FILE));
+            let mut network = network;
+            let _ = network.stop();
+            log.line(&format!(
+                "{why} before a VNC client connected; the guest never booted"
+            ));
+            return Ok(Outcome::PoweredOff);
+        }
+        Err(e) => return Err(e),
     };
     let runner = match boot(
         &cfg,
@@ -351,26 +368,70 @@ fn start_and_watch(
         on_started: Some(on_started),
     };
     let outcome = monitor.watch();
-    if let Some(notify) = monitor.on_started.take() {
-        notify(Err("the guest ended before it was running".to_owned()));
-    }
-    for viewer in &mut monitor.console.viewers {
-        viewer.flush();
-    }
-    monitor.runner.stop_devices();
-    if monitor.graphics.take().is_some() {
-        let _ = std::fs::remove_file(monitor.cfg.guest_dir.join(CONSOLE_FILE));
-    }
-    let had_taps = !monitor.network.taps.is_empty();
-    let deleted = monitor.network.stop();
-    if had_taps {
-        let mut line = "network stopped, taps closed".to_owned();
-        if !deleted.is_empty() {
-            let _ = write!(line, " (netcfg deleted {})", deleted.join(", "));
-        }
-        monitor.log.line(&line);
-    }
+    monitor.tear_down();
     outcome
+}
+
+/// What happens before the first boot.
+enum BeforeBoot {
+    /// Boot; `waited` when a VNC client was waited for (and `vm start` already told).
+    Boot { waited: bool },
+    /// The run ended while waiting (`vm stop`, `vm poweroff`, a signal): why.
+    Stopped(String),
+}
+
+/// `graphics_wait="yes"` (and `"auto"` during `vm install`): tells `vm start` the guest started,
+/// then waits for a VNC client ([`wait`]).
+fn wait_before_boot(
+    cfg: &MonitorConfig,
+    log: &mut VmLog,
+    graphics: Option<&RunGraphics>,
+    control: &OwnedFd,
+    signals: &SignalFd,
+    on_started: &mut dyn FnMut(Result<(), String>),
+) -> Result<BeforeBoot, MonitorError> {
+    let waits = cfg
+        .plan
+        .graphics
+        .as_ref()
+        .is_some_and(|g| g.wait == crate::guest_config::GraphicsWait::Yes);
+    let Some(g) = graphics.filter(|_| waits) else {
+        return Ok(BeforeBoot::Boot { waited: false });
+    };
+    let endpoint = g.console.endpoint();
+    log.line(&format!(
+        "waiting for a VNC client on {endpoint} before booting (graphics_wait)"
+    ));
+    on_started(Ok(()));
+    match wait::wait_for_viewer(&g.console.listener, &endpoint, control, signals) {
+        Ok(wait::Waited::Client) => {
+            log.line("a VNC client connected; booting");
+            Ok(BeforeBoot::Boot { waited: true })
+        }
+        Ok(wait::Waited::Stopped(why)) => Ok(BeforeBoot::Stopped(why)),
+        Err(e) => {
+            log.line(&format!("waiting for a VNC client failed: {e}"));
+            Err(MonitorError::Wait(e))
+        }
+    }
+}
+
+/// The run's log files: the runner's, each disk's dev-blk's, each NIC's dev-net's.
+fn open_logs(cfg: &MonitorConfig) -> Result<(File, Vec<File>, Vec<File>), MonitorError> {
+    let runner_log = open_log(&cfg.guest_dir.join(RUNNER_LOG_FILE))?;
+    let disk_logs = cfg
+        .plan
+        .disks
+        .iter()
+        .map(|d| open_log(&cfg.guest_dir.join(disk_log_file(d.index))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let nic_logs = cfg
+        .plan
+        .nics
+        .iter()
+        .map(|n| open_log(&cfg.guest_dir.join(nic_log_file(n.index))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((runner_log, disk_logs, nic_logs))
 }
 
 /// Makes the NICs' taps for this run (none without NICs) and logs them.
@@ -542,6 +603,7 @@ impl Monitor<'_> {
                     Token::Channel => self.on_runner_message(),
                     Token::Pidfd => runner_ended = true,
                     Token::DevicePidfd(i) => self.on_device_exit(i),
+                    Token::DisplayPidfd => self.on_display_exit(),
                     Token::Console => {
                         if flags.intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
                             self.read_console();
@@ -567,6 +629,30 @@ impl Monitor<'_> {
     }
 
     /// Polls until something happens or the nearest deadline passes.
+    /// After the run: tells a `vm start` still waiting, flushes the viewers, stops the devices,
+    /// removes the `console` file and the taps.
+    fn tear_down(&mut self) {
+        if let Some(notify) = self.on_started.take() {
+            notify(Err("the guest ended before it was running".to_owned()));
+        }
+        for viewer in &mut self.console.viewers {
+            viewer.flush();
+        }
+        self.runner.stop_devices();
+        if self.graphics.take().is_some() {
+            let _ = std::fs::remove_file(self.cfg.guest_dir.join(CONSOLE_FILE));
+        }
+        let had_taps = !self.network.taps.is_empty();
+        let deleted = self.network.stop();
+        if had_taps {
+            let mut line = "network stopped, taps closed".to_owned();
+            if !deleted.is_empty() {
+                let _ = write!(line, " (netcfg deleted {})", deleted.join(", "));
+            }
+            self.log.line(&line);
+        }
+    }
+
     fn wait(&self) -> Result<Vec<(Token, PollFlags)>, MonitorError> {
         let mut tokens = vec![Token::Listener, Token::Signal, Token::Pidfd];
         let mut fds = vec![
@@ -583,6 +669,12 @@ impl Monitor<'_> {
                 tokens.push(Token::DevicePidfd(i));
                 fds.push(PollFd::new(device.pidfd.as_fd(), PollFlags::POLLIN));
             }
+        }
+        if let Some(dev_fb) = &self.runner.display
+            && dev_fb.status.is_none()
+        {
+            tokens.push(Token::DisplayPidfd);
+            fds.push(PollFd::new(dev_fb.pidfd.as_fd(), PollFlags::POLLIN));
         }
         let mut console_flags = PollFlags::empty();
         if !self.console.eof {
@@ -634,10 +726,17 @@ impl Monitor<'_> {
             .iter()
             .filter_map(|d| d.restart_at)
             .min();
-        [self.boot_deadline, self.exit_deadline, stop, restart]
-            .into_iter()
-            .flatten()
-            .min()
+        let display = self.runner.display.as_ref().and_then(|d| d.restart_at);
+        [
+            self.boot_deadline,
+            self.exit_deadline,
+            stop,
+            restart,
+            display,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn check_deadlines(&mut self) {
@@ -659,6 +758,12 @@ impl Monitor<'_> {
                 self.runner.devices[i].restart_at = None;
                 self.restart_device(i);
             }
+        }
+        if let Some(dev_fb) = self.runner.display.as_mut()
+            && dev_fb.restart_at.is_some_and(|d| now >= d)
+        {
+            dev_fb.restart_at = None;
+            self.restart_display();
         }
         match self.intent {
             Intent::Stop {
@@ -888,6 +993,127 @@ impl Monitor<'_> {
                 );
                 self.log.line(&line);
                 self.device_died(i);
+            }
+        }
+    }
+
+    /// dev-fb ended on its own: log why, then restart it under the devices' policy (at once
+    /// the first time, then with a growing delay; failed after [`MAX_DEVICE_DEATHS`] deaths
+    /// within [`DEVICE_DEATH_WINDOW`]). VNC clients lose their connection and reconnect to the
+    /// same listener; the guest's keyboard and tablet resume from their rings.
+    fn on_display_exit(&mut self) {
+        let Some(dev_fb) = self.runner.display.as_mut() else {
+            return;
+        };
+        let status = match dev_fb.process.wait() {
+            Ok(status) => {
+                dev_fb.status = Some(status);
+                runner::describe_status(status)
+            }
+            Err(e) => {
+                dev_fb.status = Some(std::os::unix::process::ExitStatusExt::from_raw(0));
+                format!("status unknown ({e})")
+            }
+        };
+        tracing::warn!(%status, "dev-fb died");
+        self.log
+            .line(&format!("dev-fb (pid {}) died: {status}", dev_fb.pid()));
+        if self.runner.exit.is_some() || self.runner.killed || self.runner.channel.is_none() {
+            return;
+        }
+        self.display_died();
+    }
+
+    /// The runner's indices of dev-fb's input devices: after the disks and NICs.
+    fn input_indices(&self) -> std::ops::Range<u16> {
+        let first = u16::try_from(self.runner.devices.len()).unwrap_or(u16::MAX);
+        let count = self
+            .graphics
+            .as_ref()
+            .map_or(0, |g| g.console.input_kinds().len());
+        let count = u16::try_from(count).unwrap_or(0);
+        first..first.saturating_add(count)
+    }
+
+    /// Counts a death of dev-fb and schedules its restart, or fails it.
+    fn display_died(&mut self) {
+        let Some(dev_fb) = self.runner.display.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        dev_fb.deaths.push_back(now);
+        while dev_fb
+            .deaths
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > DEVICE_DEATH_WINDOW)
+        {
+            dev_fb.deaths.pop_front();
+        }
+        if dev_fb.deaths.len() > MAX_DEVICE_DEATHS {
+            dev_fb.failed = true;
+            dev_fb.restart_at = None;
+            let line = format!(
+                "dev-fb died {} times within {} s: marked failed, not restarted again",
+                dev_fb.deaths.len(),
+                DEVICE_DEATH_WINDOW.as_secs()
+            );
+            tracing::error!("dev-fb failed");
+            self.log.line(&line);
+            for index in self.input_indices() {
+                self.send_to_runner(&ToRunner::DeviceFailed { index }, None);
+            }
+            return;
+        }
+        dev_fb.restart_at = now.checked_add(device_backoff(dev_fb.deaths.len()));
+    }
+
+    /// Starts dev-fb again with the run's listener and framebuffer, this boot's guest RAM, a
+    /// new display channel and new input-device channels, whose runner ends go to the runner.
+    fn restart_display(&mut self) {
+        let (Some(g), Some(old)) = (&self.graphics, &self.runner.display) else {
+            return;
+        };
+        if old.status.is_none() || old.failed {
+            return;
+        }
+        let started = Instant::now();
+        let ctx = runner::DisplayContext {
+            console: &g.console,
+            dev_fb_binary: &g.dev_fb_binary,
+            log: g.log.as_fd(),
+        };
+        let launched = runner::launch_dev_fb(
+            &ctx,
+            &self.cfg.name,
+            self.runner.memory.as_fd(),
+            self.cfg.plan.memory_bytes,
+        );
+        match launched {
+            Ok((Some(mut dev_fb), Some(display_end), input_ends)) => {
+                if let Some(old) = self.runner.display.as_mut() {
+                    dev_fb.succeed(old);
+                }
+                let line = format!(
+                    "dev-fb restarted (pid {}, restart {}, {} ms)",
+                    dev_fb.pid(),
+                    dev_fb.restarts,
+                    started.elapsed().as_millis()
+                );
+                tracing::info!(pid = dev_fb.pid(), "dev-fb restarted");
+                self.log.line(&line);
+                self.runner.display = Some(dev_fb);
+                self.send_to_runner(&ToRunner::ReplaceDisplay, Some(display_end.as_fd()));
+                for (index, end) in self.input_indices().zip(&input_ends) {
+                    self.send_to_runner(&ToRunner::ReplaceDevice { index }, Some(end.as_fd()));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.log.line(&format!(
+                    "restarting dev-fb failed: {}",
+                    crate::list::error_chain(&e)
+                ));
+                self.display_died();
             }
         }
     }

@@ -188,6 +188,12 @@ impl BootPlan {
             return Err(PreflightError::TooManyDisks);
         }
         let index = u32::try_from(self.disks.len()).map_err(|_| PreflightError::TooManyDisks)?;
+        // vm-bhyve: graphics_wait="auto" waits for a VNC client during an install only.
+        if let Some(g) = &mut self.graphics
+            && g.wait == crate::guest_config::GraphicsWait::Auto
+        {
+            g.wait = crate::guest_config::GraphicsWait::Yes;
+        }
         self.disks.push(DiskPlan {
             index,
             path: iso.to_owned(),
@@ -675,6 +681,29 @@ mod tests {
             plan.attach_install_media(&dir.path().join("nope.iso")),
             Err(PreflightError::IsoMissing(_))
         ));
+    }
+
+    #[test]
+    fn graphics_wait_auto_waits_during_an_install_only() {
+        use crate::guest_config::GraphicsWait;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.iso"), [0u8; 2048]).unwrap();
+        let wait_of = |graphics: &str| {
+            let c = disk_guest(dir.path(), graphics);
+            let mut plan = plan(&c, dir.path(), 1 << 30).unwrap();
+            let before = plan.graphics.as_ref().map(|g| g.wait);
+            plan.attach_install_media(&dir.path().join("x.iso"))
+                .unwrap();
+            (before, plan.graphics.as_ref().map(|g| g.wait))
+        };
+        assert_eq!(
+            wait_of("graphics=\"yes\"\n"),
+            (Some(GraphicsWait::Auto), Some(GraphicsWait::Yes))
+        );
+        assert_eq!(
+            wait_of("graphics=\"yes\"\ngraphics_wait=\"no\"\n"),
+            (Some(GraphicsWait::No), Some(GraphicsWait::No))
+        );
     }
 
     fn switches(text: &str) -> Switches {

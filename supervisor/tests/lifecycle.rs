@@ -1218,3 +1218,228 @@ fn missing_or_unsupported_disks_are_refused_before_anything_starts() {
     assert_nothing_started(&env, "gone");
     assert_nothing_started(&env, "ahci");
 }
+
+/// The real dev-fb beside `vm` (built by `cargo build -p dev-fb` or a workspace build).
+fn real_dev_fb() -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_vm"))
+        .parent()?
+        .join("dev-fb");
+    path.is_file().then_some(path)
+}
+
+/// Reads the RFB server greeting on a new connection to `addr`.
+fn rfb_greeting(addr: &str) -> std::io::Result<[u8; 12]> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut greeting = [0u8; 12];
+    s.read_exact(&mut greeting)?;
+    Ok(greeting)
+}
+
+#[test]
+fn a_dead_dev_fb_is_restarted_on_the_same_port_with_its_display_and_input_channels() {
+    if skip_unless_root() {
+        return;
+    }
+    let Some(dev_fb) = real_dev_fb() else {
+        eprintln!("SKIP: dev-fb is not built beside vm (cargo build -p dev-fb)");
+        return;
+    };
+    let env = Env::new("");
+    std::os::unix::fs::symlink(dev_fb, env.libexec.join("dev-fb")).unwrap();
+    let dir = env.guest(
+        "g",
+        "graphics=\"yes\"\ngraphics_res=\"640x480\"\nxhci_mouse=\"yes\"",
+    );
+    env.ok(&["start", "g"]);
+    let mut console = Session::start(env.command(&["console", "g"]));
+    console.wait_for("fake: ready");
+    // The keyboard and the tablet are the runner's devices 0 and 1, served by dev-fb.
+    let out = console.output();
+    assert!(
+        out.contains("fake: device 0: type 18\r\nfake: device 1: type 18\r\n"),
+        "{out:?}"
+    );
+    let vnc = fs::read_to_string(dir.join("console")).unwrap();
+    let addr = vnc.trim().strip_prefix("vnc=").unwrap().to_owned();
+    let role = "dev-fb+keyboard+tablet";
+    let dev_fb_pid = |env: &Env| {
+        env.processes("g")
+            .into_iter()
+            .find(|(r, pid, _)| r == role && *pid != 0)
+            .map(|(_, pid, restarts)| (pid, restarts))
+    };
+    let (first, restarts) = wait_for_value(Duration::from_secs(5), || dev_fb_pid(&env));
+    assert_eq!(restarts, 0);
+    assert_eq!(&rfb_greeting(&addr).unwrap(), b"RFB 003.008\n");
+    let mut client = std::net::TcpStream::connect(&addr).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut greeting = [0u8; 12];
+    client.read_exact(&mut greeting).unwrap();
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(first).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    // The connected client is dropped...
+    let mut rest = [0u8; 1];
+    assert!(
+        matches!(client.read(&mut rest), Ok(0) | Err(_)),
+        "the old connection ends"
+    );
+    // ...and a new one is served on the same port at once.
+    let greeting = wait_for_value(Duration::from_secs(5), || rfb_greeting(&addr).ok());
+    assert_eq!(&greeting, b"RFB 003.008\n");
+    let reconnect = killed.elapsed();
+    assert!(reconnect < Duration::from_secs(1), "{reconnect:?}");
+    let log = env.log("g");
+    assert!(
+        log.contains(&format!(": dev-fb (pid {first}) died: killed by SIGKILL\n")),
+        "{log}"
+    );
+    assert!(log.contains(": dev-fb restarted (pid "), "{log}");
+    // The runner got the new display channel and both input devices' new channels.
+    console.wait_for("fake: display replaced");
+    console.wait_for("fake: device 0 replaced: type 18");
+    console.wait_for("fake: device 1 replaced: type 18");
+    let (second, restarts) = wait_for_value(Duration::from_secs(5), || dev_fb_pid(&env));
+    assert_ne!(second, first);
+    assert_eq!(restarts, 1, "vm info counts the restart");
+    assert!(alive(second));
+    // The guest runs on.
+    console.type_text("still here\n");
+    console.wait_for("echo: still here");
+    env.ok(&["poweroff", "-f", "g"]);
+    wait_until(Duration::from_secs(5), || !alive(second));
+}
+
+#[test]
+fn a_dev_fb_that_keeps_dying_is_failed_after_the_limit_with_its_input_devices() {
+    if skip_unless_root() {
+        return;
+    }
+    let Some(dev_fb) = real_dev_fb() else {
+        eprintln!("SKIP: dev-fb is not built beside vm (cargo build -p dev-fb)");
+        return;
+    };
+    let env = Env::new("");
+    std::os::unix::fs::symlink(dev_fb, env.libexec.join("dev-fb")).unwrap();
+    env.guest("g", "graphics=\"yes\"\ngraphics_res=\"640x480\"");
+    env.ok(&["start", "g"]);
+    let mut console = Session::start(env.command(&["console", "g"]));
+    console.wait_for("fake: ready");
+    // Five restarts (at once, then after 100, 200, 400, 800 ms), then the sixth death fails it.
+    for kill in 1..=6 {
+        let pid = wait_for_value(Duration::from_secs(5), || {
+            env.processes("g")
+                .into_iter()
+                .find(|(r, pid, _)| r == "dev-fb+keyboard" && *pid != 0)
+                .map(|(_, pid, _)| pid)
+        });
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let died = format!(": dev-fb (pid {pid}) died: killed by SIGKILL\n");
+        wait_until(Duration::from_secs(5), || env.log("g").contains(&died));
+        if kill < 6 {
+            wait_until(Duration::from_secs(5), || {
+                console.output().matches("fake: device 0 replaced").count() == kill
+            });
+        }
+    }
+    // The keyboard (device 0) is failed in the runner: the driver sees it needing a reset.
+    console.wait_for("fake: device 0 failed");
+    assert!(
+        env.log("g")
+            .contains(": dev-fb died 6 times within 60 s: marked failed"),
+        "{}",
+        env.log("g")
+    );
+    let procs = env.processes("g");
+    let failed: Vec<_> = procs
+        .iter()
+        .filter(|(r, ..)| r == "dev-fb+keyboard:failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{procs:?}");
+    assert_eq!((failed[0].1, failed[0].2), (0, 5), "no pid, five restarts");
+    console.type_text("still here\n");
+    console.wait_for("echo: still here");
+    env.ok(&["poweroff", "-f", "g"]);
+}
+
+/// A guest with `graphics_wait="yes"` whose real dev-fb sits beside `vm`; its VNC address.
+fn waiting_guest(env: &Env, name: &str) -> Option<String> {
+    let Some(dev_fb) = real_dev_fb() else {
+        eprintln!("SKIP: dev-fb is not built beside vm (cargo build -p dev-fb)");
+        return None;
+    };
+    let link = env.libexec.join("dev-fb");
+    if !link.exists() {
+        std::os::unix::fs::symlink(dev_fb, link).unwrap();
+    }
+    let dir = env.guest(
+        name,
+        "graphics=\"yes\"\ngraphics_res=\"640x480\"\ngraphics_wait=\"yes\"",
+    );
+    env.ok(&["start", name]);
+    wait_until(Duration::from_secs(10), || {
+        env.log(name).contains("waiting for a VNC client")
+    });
+    let vnc = fs::read_to_string(dir.join("console")).unwrap();
+    Some(vnc.trim().strip_prefix("vnc=").unwrap().to_owned())
+}
+
+#[test]
+fn graphics_wait_boots_the_guest_only_when_a_vnc_client_connects() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    let Some(addr) = waiting_guest(&env, "w") else {
+        return;
+    };
+    // `vm start` returned, the supervisor runs, nothing of the guest does.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(env.running_pid("w").is_some());
+    let processes = env.processes("w");
+    assert!(
+        processes.iter().all(|(role, _, _)| role == "supervisor"),
+        "{processes:?}"
+    );
+    assert!(env.ok(&["info", "w"]).contains(&addr));
+    // The client waits in the backlog; the boot's dev-fb accepts and greets it.
+    assert_eq!(&rfb_greeting(&addr).unwrap(), b"RFB 003.008\n");
+    wait_until(Duration::from_secs(10), || {
+        env.processes("w")
+            .iter()
+            .any(|(r, _, _)| r == "vcpu-runner")
+    });
+    assert!(env.log("w").contains("a VNC client connected; booting"));
+    env.ok(&["poweroff", "-f", "w"]);
+    env.wait_stopped("w");
+}
+
+#[test]
+fn stopping_a_guest_that_waits_for_a_vnc_client_ends_it_unbooted() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new("");
+    if waiting_guest(&env, "s").is_none() {
+        return;
+    }
+    env.ok(&["stop", "s"]);
+    env.wait_stopped("s");
+    let log = env.log("s");
+    assert!(
+        log.contains("stop requested before a VNC client connected; the guest never booted"),
+        "{log}"
+    );
+    assert!(!log.contains("starting vcpu-runner"), "{log}");
+}

@@ -68,6 +68,7 @@ pub fn run() -> Result<(), RunError> {
                 ToRunner::ReplaceDevice { index } | ToRunner::DeviceFailed { index } => {
                     tracing::debug!(index, "device message before boot ignored");
                 }
+                ToRunner::ReplaceDisplay => tracing::debug!("display message before boot ignored"),
             },
             Err(ChannelError::Closed) => {
                 tracing::info!("supervisor closed the channel before boot; exiting");
@@ -106,6 +107,18 @@ pub fn run() -> Result<(), RunError> {
                         Ok(()) => tracing::info!(index, "restarted device reconnected"),
                         Err(e) => {
                             tracing::warn!(error = %error_chain(&e), "device not reconnected");
+                        }
+                    }
+                }
+                ToRunner::ReplaceDisplay => {
+                    let Some(fd) = received.fds.into_iter().next() else {
+                        tracing::warn!("ReplaceDisplay without a channel ignored");
+                        continue;
+                    };
+                    match controls.replace_display(fd) {
+                        Ok(()) => tracing::info!("restarted dev-fb's display channel connected"),
+                        Err(e) => {
+                            tracing::warn!(error = %error_chain(&e), "display not reconnected");
                         }
                     }
                 }

@@ -30,7 +30,9 @@ use crate::devices::{Bus, MmioDevice, Overlap, PioDevice, Platform};
 use crate::display::kvm_slot::KvmFramebuffer;
 use crate::display::sender::ChannelSink;
 use crate::display::window::DisplayWindow;
-use crate::display::{AddressMap, BochsDisplay, DisplayConfig, DisplayError, Placement, SlotError};
+use crate::display::{
+    AddressMap, BochsDisplay, DisplayConfig, DisplayError, ModeSink, Placement, SlotError,
+};
 use crate::layout::{
     ACPI_PM_BASE, ACPI_PM_LEN, CMOS_PORT, COM1_PORT, DISPLAY_FRAMEBUFFER_START,
     DISPLAY_REGISTERS_START, ECAM_SIZE, ECAM_START, I8042_COMMAND_PORT, I8042_DATA_PORT,
@@ -187,6 +189,7 @@ pub struct Machine {
     acpi_pm: Arc<Mutex<AcpiPm>>,
     console_in: File,
     virtio: Vec<VirtioDevice>,
+    display_sink: Option<Arc<DisplaySink>>,
     // Kept mapped for as long as the guest runs.
     memory_map: GuestMem,
     vm: Arc<VmFd>,
@@ -250,10 +253,13 @@ pub fn build(
     });
     let console_out = inputs.console.try_clone().map_err(BuildError::Console)?;
     let virtio = connect_virtio(&vm, inputs.devices)?;
-    let display = inputs
-        .display
-        .map(|d| build_display(&vm, cfg, d, &virtio))
-        .transpose()?;
+    let (display, display_sink) = match inputs.display {
+        Some(d) => {
+            let (display, sink) = build_display(&vm, cfg, d, &virtio)?;
+            (Some(display), Some(sink))
+        }
+        None => (None, None),
+    };
     let devices = Devices::new(
         cfg,
         platform.clone(),
@@ -293,6 +299,7 @@ pub fn build(
         acpi_pm: devices.acpi_pm,
         console_in: inputs.console,
         virtio,
+        display_sink,
         memory_map: memory,
         vm,
     })
@@ -408,10 +415,10 @@ fn connect_virtio(vm: &Arc<VmFd>, devices: Vec<OwnedFd>) -> Result<Vec<VirtioDev
         .enumerate()
         .map(|(index, fd)| {
             let channel = Arc::new(proto::Channel::from_fd(fd));
-            let info = link::connect(&channel, DEVICE_CONNECT_TIMEOUT)
+            let (info, table) = link::connect(&channel, DEVICE_CONNECT_TIMEOUT)
                 .map_err(|source| BuildError::DeviceLink { index, source })?;
             let bar = bar_address(index).ok_or(BuildError::TooManyDevices(index))?;
-            let pci = VirtioPci::new(info, bar, host.clone(), channel.clone())
+            let pci = VirtioPci::with_table(info, table, bar, host.clone(), channel.clone())
                 .map_err(|source| BuildError::Transport { index, source })?;
             Ok(VirtioDevice {
                 channel,
@@ -454,7 +461,7 @@ fn build_display(
     cfg: &MachineConfig,
     inputs: DisplayInputs,
     virtio: &[VirtioDevice],
-) -> Result<Arc<Mutex<BochsDisplay>>, BuildError> {
+) -> Result<(Arc<Mutex<BochsDisplay>>, Arc<DisplaySink>), BuildError> {
     let size = inputs
         .framebuffer
         .metadata()
@@ -464,8 +471,7 @@ fn build_display(
     config.validate().map_err(DisplayError::from)?;
     let slot = KvmFramebuffer::new(vm.clone(), FRAMEBUFFER_SLOT, inputs.framebuffer, size)
         .map_err(DisplayError::from)?;
-    let sink =
-        ChannelSink::spawn(proto::Channel::from_fd(inputs.channel)).map_err(BuildError::Thread)?;
+    let sink = Arc::new(DisplaySink::new(proto::Channel::from_fd(inputs.channel))?);
     let addresses = MachineAddresses {
         ram: crate::memory::ram_ranges(cfg.memory_bytes),
         virtio: virtio.iter().map(|d| d.pci.clone()).collect(),
@@ -478,7 +484,7 @@ fn build_display(
         },
         Box::new(slot),
         Box::new(addresses),
-        sink,
+        sink.clone(),
     )?;
     tracing::info!(
         framebuffer_bytes = size,
@@ -486,7 +492,54 @@ fn build_display(
         bar2 = format_args!("{DISPLAY_REGISTERS_START:#x}"),
         "bochs display present"
     );
-    Ok(Arc::new(Mutex::new(display)))
+    Ok((Arc::new(Mutex::new(display)), sink))
+}
+
+/// The display's mode changes, sent to whichever dev-fb is current: a restarted dev-fb's new
+/// channel replaces the old one ([`Controls::replace_display`]) and first hears the mode the
+/// guest set last.
+struct DisplaySink {
+    /// The sink of the current dev-fb and the last mode the guest set (dev-fb has no message
+    /// for a disabled display, so only modes are replayed).
+    current: Mutex<(Arc<ChannelSink>, Option<proto::display::Mode>)>,
+}
+
+impl DisplaySink {
+    fn new(channel: proto::Channel) -> Result<DisplaySink, BuildError> {
+        let sink = ChannelSink::spawn(channel).map_err(BuildError::Thread)?;
+        Ok(DisplaySink {
+            current: Mutex::new((sink, None)),
+        })
+    }
+
+    fn replace(&self, channel: proto::Channel) -> std::io::Result<()> {
+        let fresh = ChannelSink::spawn(channel)?;
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(mode) = current.1 {
+            fresh.mode_changed(Some(mode));
+        }
+        let old = std::mem::replace(&mut current.0, fresh);
+        // The old channel's peer is dead: a mode for it makes its thread's send fail, and the
+        // thread end, rather than wait for ever.
+        old.mode_changed(Some(proto::display::Mode::packed(1, 1, 32)));
+        Ok(())
+    }
+}
+
+impl ModeSink for DisplaySink {
+    fn mode_changed(&self, mode: Option<proto::display::Mode>) {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if mode.is_some() {
+            current.1 = mode;
+        }
+        current.0.mode_changed(mode);
+    }
 }
 
 fn register_memory(vm: &VmFd, memory: &GuestMem) -> Result<(), BuildError> {
@@ -585,6 +638,7 @@ impl Machine {
         Ok(Controls {
             acpi_pm: self.acpi_pm,
             devices,
+            display: self.display_sink,
         })
     }
 }
@@ -595,6 +649,7 @@ impl Machine {
 pub struct Controls {
     acpi_pm: Arc<Mutex<AcpiPm>>,
     devices: Vec<Arc<Mutex<VirtioPci>>>,
+    display: Option<Arc<DisplaySink>>,
 }
 
 /// Why a device message from the supervisor could not be applied.
@@ -602,6 +657,10 @@ pub struct Controls {
 pub enum ControlError {
     #[error("there is no virtio device {0}")]
     NoDevice(u16),
+    #[error("the guest has no display")]
+    NoDisplay,
+    #[error("starting the display channel's thread failed")]
+    DisplayThread(#[source] std::io::Error),
     #[error("connecting the restarted device {index} failed")]
     Reconnect {
         index: u16,
@@ -636,6 +695,15 @@ impl Controls {
         )
         .map(drop)
         .map_err(|source| ControlError::Reconnect { index, source })
+    }
+
+    /// dev-fb was restarted: mode changes go to `channel` from now on, the current mode first.
+    pub fn replace_display(&self, channel: OwnedFd) -> Result<(), ControlError> {
+        self.display
+            .as_ref()
+            .ok_or(ControlError::NoDisplay)?
+            .replace(proto::Channel::from_fd(channel))
+            .map_err(ControlError::DisplayThread)
     }
 
     /// Device `index` will not come back: the driver sees `DEVICE_NEEDS_RESET`.

@@ -130,11 +130,20 @@ impl Monitor<'_> {
             });
         }
         if let Some(dev_fb) = &self.runner.display {
+            let mut role = self
+                .graphics
+                .as_ref()
+                .map_or_else(|| "dev-fb".to_owned(), |g| g.console.role());
+            if dev_fb.failed {
+                role.push_str(":failed");
+            }
+            let alive = dev_fb.status.is_none();
+            let pid = if alive { dev_fb.pid() } else { 0 };
             processes.push(ProcessInfo {
-                role: "dev-fb".to_owned(),
-                pid: dev_fb.pid(),
-                rss_kib: runner::rss_kib(dev_fb.pid()),
-                restarts: 0,
+                role,
+                pid,
+                rss_kib: if alive { runner::rss_kib(pid) } else { 0 },
+                restarts: dev_fb.restarts,
             });
         }
         VmStatus {

@@ -205,11 +205,12 @@ pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, Boo
     }
     roles.push(FdRole::Console);
     fds.push(theirs.as_fd());
-    for end in &devices.runner_ends {
+    let (display, display_end, input_ends) = start_display(ctx, memory.as_fd(), plan.memory_bytes)?;
+    // The input devices' PCI slots follow the disks and NICs.
+    for end in devices.runner_ends.iter().chain(&input_ends) {
         roles.push(FdRole::DeviceChannel);
         fds.push(end.as_fd());
     }
-    let (display, display_end) = start_display(ctx)?;
     if let (Some(d), Some(end)) = (&ctx.display, &display_end) {
         roles.push(FdRole::Framebuffer);
         fds.push(d.console.framebuffer.as_fd());
@@ -223,7 +224,7 @@ pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, Boo
         sandbox: SandboxSettings {
             uid,
             gid,
-            max_fds: runner_max_fds(devices.runner_ends.len()),
+            max_fds: runner_max_fds(devices.runner_ends.len() + input_ends.len()),
         },
         fds: roles,
         log_filter: std::env::var(RUNNER_LOG_ENV).unwrap_or_else(|_| "info".to_owned()),
@@ -263,25 +264,65 @@ pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, Boo
     Ok(runner)
 }
 
+/// The runner's ends of a boot's display: the display channel and one device channel per
+/// virtio-input device dev-fb serves.
+type DisplayEnds = (
+    Option<crate::graphics::DevFb>,
+    Option<Channel>,
+    Vec<Channel>,
+);
+
 /// The display of a boot, if the guest has one: the runner maps the framebuffer as the bochs
-/// display's BAR0 and sends mode changes to this boot's dev-fb on the display channel, whose
-/// runner end is returned.
+/// display's BAR0 and sends mode changes to this boot's dev-fb on the display channel; dev-fb
+/// also serves the keyboard (and tablet) on guest RAM `memory`. The runner's ends are
+/// returned.
 fn start_display(
     ctx: &BootContext<'_>,
-) -> Result<(Option<crate::graphics::DevFb>, Option<Channel>), BootError> {
+    memory: BorrowedFd<'_>,
+    memory_bytes: u64,
+) -> Result<DisplayEnds, BootError> {
     let Some(d) = &ctx.display else {
-        return Ok((None, None));
+        return Ok((None, None, Vec::new()));
     };
+    launch_dev_fb(d, ctx.name, memory, memory_bytes)
+}
+
+/// Starts a dev-fb for display `d` on guest RAM `memory`, with a new display channel and a new
+/// channel per input device: at boot, and again after dev-fb died (the runner then gets the
+/// returned ends in `ToRunner::ReplaceDisplay` and `ReplaceDevice`).
+pub fn launch_dev_fb(
+    d: &DisplayContext<'_>,
+    name: &str,
+    memory: BorrowedFd<'_>,
+    memory_bytes: u64,
+) -> Result<DisplayEnds, BootError> {
     let (runner_end, fb_end) = Channel::pair().map_err(BootError::DisplayChannel)?;
+    let kinds = d.console.input_kinds();
+    let mut runner_inputs = Vec::with_capacity(kinds.len());
+    let mut fb_inputs = Vec::with_capacity(kinds.len());
+    for _ in &kinds {
+        let (r, f) = Channel::pair().map_err(BootError::DisplayChannel)?;
+        runner_inputs.push(r);
+        fb_inputs.push(f);
+    }
+    let input = crate::graphics::InputFds {
+        memory,
+        setup: proto::device::InputSetup {
+            memory: proto::device::guest_ram_layout(memory_bytes),
+            devices: kinds,
+        },
+        channels: fb_inputs.iter().map(AsFd::as_fd).collect(),
+    };
     let dev_fb = crate::graphics::start_dev_fb(
         d.dev_fb_binary,
-        ctx.name,
+        name,
         d.log,
         d.console,
         Some(fb_end.as_fd()),
+        Some(&input),
     )
     .map_err(BootError::Display)?;
-    Ok((Some(dev_fb), Some(runner_end)))
+    Ok((Some(dev_fb), Some(runner_end), runner_inputs))
 }
 
 /// The boot's device processes: disks, then NICs, on guest RAM `memory`.
@@ -348,7 +389,7 @@ fn open(path: &Path, write: bool) -> Result<File, BootError> {
 }
 
 /// A pidfd for `pid`, readable once the process exits.
-pub(super) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory
     // is passed.

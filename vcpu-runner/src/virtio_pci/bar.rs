@@ -7,7 +7,7 @@ use super::common::{COMMON_LEN, Effect};
 use super::msix::ENTRY_BYTES;
 use super::{
     BAR_SIZE, COMMON_OFFSET, DEVICE_OFFSET, ISR_LEN, ISR_OFFSET, MSIX_PBA_LEN, MSIX_PBA_OFFSET,
-    MSIX_TABLE_OFFSET, NOTIFY_MULTIPLIER, NOTIFY_OFFSET, VirtioPci,
+    MSIX_TABLE_OFFSET, NOTIFY_MULTIPLIER, NOTIFY_OFFSET, SelectedTable, VirtioPci,
 };
 use crate::devices::MmioDevice;
 
@@ -62,6 +62,12 @@ impl VirtioPci {
             }
             Region::Device => {
                 let start = usize::try_from(rel).unwrap_or(usize::MAX);
+                if let Some(t) = &self.table {
+                    for (i, slot) in data.iter_mut().enumerate() {
+                        *slot = t.byte(start.saturating_add(i));
+                    }
+                    return;
+                }
                 for (slot, byte) in data.iter_mut().zip(self.info.config.iter().skip(start)) {
                     *slot = *byte;
                 }
@@ -102,6 +108,14 @@ impl VirtioPci {
                 }
             }
             Region::Device => {
+                if let Some(t) = self.table.as_mut() {
+                    // The selectors are the runner's own: nothing goes to the device.
+                    let start = usize::try_from(rel).unwrap_or(usize::MAX);
+                    for (i, byte) in data.iter().enumerate() {
+                        t.write(start.saturating_add(i), *byte);
+                    }
+                    return;
+                }
                 let msg = ToDevice::ConfigWrite {
                     offset: u16::try_from(rel).unwrap_or(u16::MAX),
                     data: data.to_vec(),
@@ -140,6 +154,44 @@ impl VirtioPci {
         let rel = addr.checked_sub(self.bar()?)?;
         let end = rel.checked_add(u64::try_from(len).ok()?)?;
         (end <= BAR_SIZE).then_some(rel)
+    }
+}
+
+/// `virtio_input_config` (§5.8.4): `select`, `subsel`, `size`, five reserved bytes, `u`.
+const SELECT_AT: usize = 0;
+const SUBSEL_AT: usize = 1;
+const SIZE_AT: usize = 2;
+const PAYLOAD_AT: usize = 8;
+
+impl SelectedTable {
+    /// The answer to the current selector, if the device has one.
+    fn current(&self) -> Option<&[u8]> {
+        self.table.lookup(self.select, self.subsel)
+    }
+
+    /// Byte `at` of the configuration space for the current selector; an unknown selector
+    /// reads as size 0 and a zero payload (§5.8.4).
+    pub(super) fn byte(&self, at: usize) -> u8 {
+        match at {
+            SELECT_AT => self.select,
+            SUBSEL_AT => self.subsel,
+            SIZE_AT => self
+                .current()
+                .map_or(0, |d| u8::try_from(d.len()).unwrap_or(0)),
+            _ => at
+                .checked_sub(PAYLOAD_AT)
+                .and_then(|i| self.current()?.get(i).copied())
+                .unwrap_or(0),
+        }
+    }
+
+    /// A driver store of `byte` at `at`: only `select` and `subsel` are writable (§5.8.4).
+    fn write(&mut self, at: usize, byte: u8) {
+        match at {
+            SELECT_AT => self.select = byte,
+            SUBSEL_AT => self.subsel = byte,
+            _ => tracing::debug!(at, "virtio-pci: write to a read-only input config byte"),
+        }
     }
 }
 

@@ -67,6 +67,7 @@ fn class_of(device_type: u16) -> u32 {
         2 => 0x01_80_00,  // block: mass storage, other
         1 => 0x02_00_00,  // network: ethernet
         16 => 0x03_80_00, // GPU: display, other
+        18 => 0x09_80_00, // input: input device, other (as QEMU's virtio-input-pci)
         _ => 0xff_00_00,
     }
 }

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use proto::channel::{Channel, ChannelError, ChannelKind};
-use proto::device::{DeviceInfo, DeviceMessageError, FromDevice};
+use proto::device::{ConfigTable, DeviceInfo, DeviceMessageError, FromDevice};
 
 use super::VirtioPci;
 
@@ -34,19 +34,24 @@ pub enum LinkError {
     Thread(#[source] std::io::Error),
 }
 
-/// Handshakes on a new device channel and returns the device's `Info`, waiting at most
-/// `timeout` for each step. The runner calls it for every device before the first vCPU runs.
-pub fn connect(channel: &Channel, timeout: Duration) -> Result<DeviceInfo, LinkError> {
+/// Handshakes on a new device channel and returns the device's `Info` (and its configuration
+/// table, if it sent `InfoWithTable`), waiting at most `timeout` for each step. The runner
+/// calls it for every device before the first vCPU runs.
+pub fn connect(
+    channel: &Channel,
+    timeout: Duration,
+) -> Result<(DeviceInfo, Option<ConfigTable>), LinkError> {
     channel.handshake_timeout(ChannelKind::RunnerDevice, timeout)?;
     let received = channel.recv_timeout::<FromDevice>(timeout)?;
     if !received.fds.is_empty() {
         return Err(LinkError::UnexpectedFds);
     }
-    let FromDevice::Info(info) = received.msg else {
-        return Err(LinkError::NoInfo);
-    };
-    info.validate()?;
-    Ok(info)
+    received.msg.validate()?;
+    match received.msg {
+        FromDevice::Info(info) => Ok((info, None)),
+        FromDevice::InfoWithTable { info, table } => Ok((info, Some(table))),
+        _ => Err(LinkError::NoInfo),
+    }
 }
 
 /// Starts the thread applying `channel`'s messages to `pci` until the channel closes, then

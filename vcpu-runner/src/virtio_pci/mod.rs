@@ -14,7 +14,8 @@
 //! ```text
 //!   0x0000  common configuration  (0x38 bytes)
 //!   0x1000  ISR status            (1 byte, read-to-clear)
-//!   0x2000  device configuration  (the device's Info.config; no capability if empty)
+//!   0x2000  device configuration  (the device's Info.config; no capability if empty; for a
+//!           device that sent a selector table, `select`/`subsel`/`size`/`u` served from it)
 //!   0x3000  notify: queue n at 0x3000 + 4*n (notify_off_multiplier 4, no datamatch needed)
 //!   0x3800  MSI-X table           (queues + 1 entries: one per queue, one for config changes)
 //!   0x3c00  MSI-X PBA
@@ -51,7 +52,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proto::channel::{Channel, ChannelError};
-use proto::device::{DeviceInfo, DeviceMessageError, FromDevice, QueueConfig, ToDevice};
+use proto::device::{
+    ConfigTable, DeviceInfo, DeviceMessageError, FromDevice, QueueConfig, ToDevice,
+};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use crate::devices::pci_config::{ConfigSetupError, ConfigSpace};
@@ -196,6 +199,9 @@ struct PendingReset {
 pub struct VirtioPci {
     /// The device's Info; `config` is the cache guest reads are served from.
     info: DeviceInfo,
+    /// A selector-addressed space's answers (virtio-input), and the driver's `select` and
+    /// `subsel`: reads of the device configuration come from here instead of `info.config`.
+    table: Option<SelectedTable>,
     space: ConfigSpace,
     common: Common,
     msix: Msix,
@@ -224,6 +230,14 @@ impl std::fmt::Debug for VirtioPci {
     }
 }
 
+/// A device's [`ConfigTable`] and the selector the driver last wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SelectedTable {
+    table: ConfigTable,
+    select: u8,
+    subsel: u8,
+}
+
 /// A new eventfd that never blocks (the device process only polls and drains it; the PBA
 /// peeks at it).
 fn new_eventfd() -> std::io::Result<EventFd> {
@@ -246,7 +260,22 @@ impl VirtioPci {
         host: Arc<dyn VirtioHost>,
         device: Arc<dyn DeviceSender>,
     ) -> Result<VirtioPci, TransportError> {
+        Self::with_table(info, None, bar_address, host, device)
+    }
+
+    /// [`VirtioPci::new`] for a device that sent [`FromDevice::InfoWithTable`]: configuration
+    /// reads are answered from `table` (checked against `info` here too).
+    pub fn with_table(
+        info: DeviceInfo,
+        table: Option<ConfigTable>,
+        bar_address: u64,
+        host: Arc<dyn VirtioHost>,
+        device: Arc<dyn DeviceSender>,
+    ) -> Result<VirtioPci, TransportError> {
         info.validate()?;
+        if let Some(t) = &table {
+            t.validate_for(&info)?;
+        }
         if info.features & F_VERSION_1 == 0 {
             return Err(TransportError::NotModern);
         }
@@ -270,6 +299,11 @@ impl VirtioPci {
             common: Common::new(offered, info.queues, info.max_queue_size, vectors),
             msix: Msix::new(vectors),
             info,
+            table: table.map(|table| SelectedTable {
+                table,
+                select: 0,
+                subsel: 0,
+            }),
             space,
             isr: 0,
             decoded: Arc::new(AtomicU64::new(0)),
@@ -451,7 +485,8 @@ impl VirtioPci {
             return;
         }
         match msg {
-            FromDevice::Info(info) => self.restarted(info),
+            FromDevice::Info(info) => self.restarted(info, None),
+            FromDevice::InfoWithTable { info, table } => self.restarted(info, Some(&table)),
             FromDevice::Activated => {
                 if self.live().is_some() {
                     tracing::info!(
@@ -487,12 +522,13 @@ impl VirtioPci {
     /// A restarted device process introduced itself: if it is the same device, it gets the
     /// same `Activate` and eventfds (the KVM registrations stay); otherwise the driver is
     /// told to reset.
-    fn restarted(&mut self, info: DeviceInfo) {
+    fn restarted(&mut self, info: DeviceInfo, table: Option<&ConfigTable>) {
         let same = info.device_type == self.info.device_type
             && info.features == self.info.features
             && info.queues == self.info.queues
             && info.max_queue_size == self.info.max_queue_size
-            && info.config.len() == self.info.config.len();
+            && info.config.len() == self.info.config.len()
+            && table == self.table.as_ref().map(|t| &t.table);
         self.reset_pending = None;
         if !same {
             tracing::warn!(

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proto::channel::{Channel, ChannelError, ChannelKind};
-use proto::device::{DeviceInfo, FromDevice, ToDevice};
+use proto::device::{
+    ConfigEntry, ConfigTable, DeviceInfo, FromDevice, INPUT_CONFIG_BYTES, ToDevice, input_select,
+};
 use proto::runner::GuestExit;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -982,6 +984,185 @@ fn hostile_driver_sequences_never_send_the_device_anything_invalid() {
     assert!(host.irqfds.is_empty(), "{:?}", host.irqfds);
 }
 
+// ---- a selector-addressed configuration space (virtio-input) ----
+
+fn input_info() -> DeviceInfo {
+    DeviceInfo {
+        device_type: 18,
+        features: F_VERSION_1,
+        queues: 2,
+        max_queue_size: 64,
+        config: vec![0; INPUT_CONFIG_BYTES],
+    }
+}
+
+fn input_table() -> ConfigTable {
+    ConfigTable {
+        entries: vec![
+            ConfigEntry {
+                select: input_select::ID_NAME,
+                subsel: 0,
+                data: b"capvm keyboard".to_vec(),
+            },
+            ConfigEntry {
+                select: input_select::EV_BITS,
+                subsel: 1,
+                data: (1u8..=128).collect(),
+            },
+        ],
+    }
+}
+
+fn input_rig() -> Rig {
+    let host = Arc::new(FakeHost::default());
+    let info = input_info();
+    let dev = FakeDevice::new(info.clone());
+    let pci = VirtioPci::with_table(info, Some(input_table()), BAR, host.clone(), dev.clone());
+    let pci = Arc::new(Mutex::new(pci.unwrap()));
+    let mut root = PciRoot::new(Arc::new(NoPlatform));
+    root.add_function(3, VirtioPci::pci_function(&pci)).unwrap();
+    Rig {
+        pci,
+        root,
+        host,
+        dev,
+        bar: BAR,
+    }
+}
+
+/// The driver's `virtinput_cfg_select` then a read of `size` and the payload, like Linux.
+fn select(rig: &Rig, sel: u8, subsel: u8) -> Vec<u8> {
+    rig.write(0x2000, 1, u64::from(sel));
+    rig.write(0x2001, 1, u64::from(subsel));
+    let size = rig.read(0x2002, 1);
+    (0..size)
+        .map(|i| u8::try_from(rig.read(0x2008 + i, 1)).unwrap())
+        .collect()
+}
+
+#[test]
+fn an_input_device_is_class_input_and_answers_each_selector_from_its_table() {
+    let mut rig = input_rig();
+    assert_eq!(rig.cfg_read(0x02, 2), 0x1040 + 18);
+    assert_eq!(rig.cfg_read(0x08, 4) >> 8, 0x09_80_00);
+    assert_eq!(select(&rig, input_select::ID_NAME, 0), b"capvm keyboard");
+    assert_eq!(
+        select(&rig, input_select::EV_BITS, 1),
+        (1u8..=128).collect::<Vec<_>>()
+    );
+    assert_eq!(rig.read(0x2000, 2), 0x0111, "select and subsel read back");
+    // A wider load sees the last payload byte and nothing past the space.
+    assert_eq!(rig.read(0x2008 + 124, 4), 0x807f_7e7d);
+    assert_eq!(rig.read(0x2008 + 127, 1), 128);
+    rig.assert_clean();
+    assert!(
+        rig.dev.sent().is_empty(),
+        "selector writes stay in the runner"
+    );
+}
+
+#[test]
+fn unknown_or_unset_input_selectors_read_as_size_zero_and_a_zero_payload() {
+    let rig = input_rig();
+    for (sel, subsel) in [
+        (input_select::UNSET, 0),
+        (input_select::EV_BITS, 2),
+        (input_select::ID_SERIAL, 0),
+        (0xff, 0xff),
+    ] {
+        assert_eq!(select(&rig, sel, subsel), Vec::<u8>::new());
+        assert_eq!(rig.read(0x2008, 8), 0, "{sel:#x}/{subsel:#x}");
+    }
+    // Stores to size, the reserved bytes or the payload change nothing.
+    select(&rig, input_select::ID_NAME, 0);
+    rig.write(0x2002, 1, 3);
+    rig.write(0x2008, 4, 0xffff_ffff);
+    assert_eq!(select(&rig, input_select::ID_NAME, 0), b"capvm keyboard");
+    assert!(rig.dev.sent().is_empty());
+}
+
+#[test]
+fn a_table_that_does_not_fit_the_device_is_refused_at_construction() {
+    let host: Arc<dyn VirtioHost> = Arc::new(FakeHost::default());
+    let dev = FakeDevice::new(blk_info());
+    let built = VirtioPci::with_table(blk_info(), Some(input_table()), BAR, host.clone(), dev);
+    assert!(matches!(built, Err(TransportError::Info(_))));
+    let mut bad = input_table();
+    bad.entries.push(bad.entries[0].clone());
+    let dev = FakeDevice::new(input_info());
+    let built = VirtioPci::with_table(input_info(), Some(bad), BAR, host, dev);
+    assert!(matches!(built, Err(TransportError::Info(_))));
+}
+
+#[test]
+fn a_restarted_input_device_with_the_same_table_is_reactivated_and_another_table_fails_it() {
+    let mut rig = input_rig();
+    rig.negotiate(F_VERSION_1);
+    rig.enable_msix();
+    rig.write(MSIX_CONFIG, 2, 2);
+    rig.setup_queue(0, 64, 0, 0x10_0000);
+    rig.setup_queue(1, 64, 1, 0x20_0000);
+    rig.write(STATUS, 1, 0xf);
+    let (first, fds) = rig.dev.sent()[0].clone();
+    let new_dev = FakeDevice::new(input_info());
+    {
+        let mut pci = rig.pci.lock().unwrap();
+        pci.replace_device(new_dev.clone());
+        pci.handle(FromDevice::InfoWithTable {
+            info: input_info(),
+            table: input_table(),
+        });
+    }
+    assert_eq!(new_dev.sent(), vec![(first, fds)]);
+    assert_eq!(rig.status(), 0xf);
+    let mut other = input_table();
+    other.entries.truncate(1);
+    rig.pci.lock().unwrap().handle(FromDevice::InfoWithTable {
+        info: input_info(),
+        table: other,
+    });
+    assert_eq!(rig.status() & 0x40, 0x40);
+}
+
+#[test]
+fn connect_returns_an_input_devices_table() {
+    let (runner, device) = Channel::pair().unwrap();
+    let t = std::thread::spawn(move || {
+        device_end_hello(&device);
+        let msg = FromDevice::InfoWithTable {
+            info: input_info(),
+            table: input_table(),
+        };
+        device.send(&msg, &[]).unwrap();
+        device
+    });
+    let (info, table) = link::connect(&runner, Duration::from_secs(5)).unwrap();
+    assert_eq!(info, input_info());
+    assert_eq!(table, Some(input_table()));
+    drop(t.join().unwrap());
+}
+
+#[test]
+fn connect_refuses_a_table_with_a_bad_selector() {
+    let (runner, device) = Channel::pair().unwrap();
+    let t = std::thread::spawn(move || {
+        device_end_hello(&device);
+        let mut table = input_table();
+        table.entries[0].select = 0x42;
+        let msg = FromDevice::InfoWithTable {
+            info: input_info(),
+            table,
+        };
+        device.send(&msg, &[]).unwrap();
+        device
+    });
+    assert!(matches!(
+        link::connect(&runner, Duration::from_secs(5)),
+        Err(link::LinkError::Info(_))
+    ));
+    drop(t.join().unwrap());
+}
+
 // ---- the device link over a real channel ----
 
 fn device_end_hello(device: &Channel) {
@@ -996,8 +1177,9 @@ fn connect_returns_the_devices_info_after_the_handshake() {
         device.send(&FromDevice::Info(blk_info()), &[]).unwrap();
         device
     });
-    let info = link::connect(&runner, Duration::from_secs(5)).unwrap();
+    let (info, table) = link::connect(&runner, Duration::from_secs(5)).unwrap();
     assert_eq!(info, blk_info());
+    assert_eq!(table, None);
     drop(t.join().unwrap());
 }
 
