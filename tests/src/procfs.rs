@@ -37,6 +37,30 @@ pub fn children_named(parent: u32, comm: &str) -> Vec<u32> {
     pids
 }
 
+/// Pids of every live descendant of `root` (children, their children, ...), lowest first.
+pub fn descendants(root: u32) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let parents: Vec<(u32, u32)> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| alive(pid))
+        .filter_map(|pid| Some((pid, field(pid, "PPid")?.parse().ok()?)))
+        .collect();
+    let mut found = Vec::new();
+    let mut todo = vec![root];
+    while let Some(parent) = todo.pop() {
+        for &(pid, ppid) in &parents {
+            if ppid == parent && !found.contains(&pid) {
+                found.push(pid);
+                todo.push(pid);
+            }
+        }
+    }
+    found.sort_unstable();
+    found
+}
+
 /// Checks a running child's sandbox from outside: `Seccomp: 2` (filter mode),
 /// `NoNewPrivs: 1`, no effective capabilities, and no uid 0 (real, effective, saved, fs).
 pub fn assert_sandboxed(pid: u32) -> anyhow::Result<()> {
@@ -69,5 +93,36 @@ mod tests {
         assert_eq!(field(me, "NoSuchField"), None);
         // The test runner is not in capability mode (no seccomp filter).
         assert!(assert_sandboxed(me).is_err());
+    }
+
+    #[test]
+    fn a_spawned_grandchild_is_a_descendant_and_gone_after_it_ends() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let me = std::process::id();
+        let sh = child.id();
+        // Other tests of this binary spawn children too: wait for this one's grandchild.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let found = loop {
+            let spawned = !children_named(sh, "sleep").is_empty();
+            let found = descendants(me);
+            let ready = spawned && found.contains(&sh);
+            if ready || std::time::Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(found.contains(&sh), "{found:?} lacks sh {sh}");
+        let sleep = children_named(sh, "sleep");
+        assert_eq!(sleep.len(), 1, "sleep under sh: {sleep:?}");
+        assert!(found.contains(&sleep[0]), "{found:?} lacks sleep");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(sleep[0]).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        child.wait().unwrap();
+        assert!(!descendants(me).contains(&sh));
     }
 }

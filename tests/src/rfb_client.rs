@@ -382,6 +382,31 @@ impl RfbClient {
         self.pixels[usize::from(y) * usize::from(self.width) + usize::from(x)]
     }
 
+    /// Waits up to `timeout` for the server's next message to start arriving, without reading
+    /// it; `false` if none came. (The whole message is then read with [`READ_TIMEOUT`].)
+    pub fn wait_message(&mut self, timeout: Duration) -> anyhow::Result<bool> {
+        if timeout.is_zero() {
+            return Ok(false);
+        }
+        self.stream.set_read_timeout(Some(timeout))?;
+        let mut byte = [0u8; 1];
+        let peeked = self.stream.peek(&mut byte);
+        self.stream.set_read_timeout(Some(READ_TIMEOUT))?;
+        match peeked {
+            Ok(0) => bail!("the server closed the connection"),
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Reads server messages until one `FramebufferUpdate` has been decoded; returns its rects.
     pub fn read_update(&mut self) -> anyhow::Result<Vec<RectInfo>> {
         loop {

@@ -16,14 +16,15 @@
 use std::fs;
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use tests::harness::{self, E2e, Needs};
 use tests::kit::{Action, Kit, KitCmdline};
-use tests::launcher::{CapvmLauncher, GuestSpec, LaunchError, Launcher};
+use tests::launcher::{CapvmLauncher, GuestSpec};
+use tests::netns::{InNetns, Netns, args as switch_args, guest_ifup, sh};
 use tests::procfs;
 use tests::testvm::TestVm;
 
@@ -66,144 +67,6 @@ fn main() -> ExitCode {
             run: two_guests,
         },
     ])
-}
-
-/// A network namespace, deleted on drop.
-#[derive(Debug)]
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> anyhow::Result<Netns> {
-        let name = format!("capvm-e2e-{tag}-{}", std::process::id());
-        if Path::new("/run/netns").join(&name).exists() {
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        }
-        sh(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// `ip -n NS ARGS`, which must succeed; its stdout.
-    fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
-        sh(Command::new("ip").args(["-n", &self.name]).args(args))
-    }
-
-    /// `ip netns exec NS PROGRAM ARGS`.
-    fn exec(&self, program: &Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
-    }
-
-    /// Whether `ping` from inside the namespace gets an answer from `addr`.
-    fn ping(&self, addr: &str) -> anyhow::Result<()> {
-        sh(Command::new("ip").args([
-            "netns", "exec", &self.name, "ping", "-c", "3", "-i", "0.2", "-W", "5", addr,
-        ]))
-        .map(drop)
-        .with_context(|| format!("the host cannot ping {addr}"))
-    }
-
-    /// Interface names in the namespace whose name starts with `prefix`.
-    fn links_named(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
-        let out = self.ip(&["-o", "link", "show"])?;
-        Ok(out
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_owned())
-            .filter(|n| n.starts_with(prefix))
-            .collect())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// Runs `command`; it must exit 0. Returns its stdout.
-fn sh(command: &mut Command) -> anyhow::Result<String> {
-    let out = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{command:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// [`CapvmLauncher`] inside a network namespace: `setup` runs `vm` commands (switches)
-/// before the guest starts, `conf` is appended to the guest's config.
-#[derive(Debug)]
-struct InNetns<'a> {
-    inner: CapvmLauncher,
-    ns: &'a Netns,
-    switches: Vec<Vec<String>>,
-    conf: String,
-}
-
-impl Launcher for InNetns<'_> {
-    fn name(&self) -> String {
-        "capvm".to_owned()
-    }
-
-    fn command(&self, spec: &GuestSpec, workdir: &Path) -> Result<Command, LaunchError> {
-        let command = self.inner.command(spec, workdir)?;
-        let conf = workdir
-            .join("vms")
-            .join(&self.inner.name)
-            .join(format!("{}.conf", self.inner.name));
-        fs::OpenOptions::new()
-            .append(true)
-            .open(&conf)
-            .and_then(|mut f| f.write_all(self.conf.as_bytes()))
-            .map_err(|source| LaunchError::Prepare {
-                path: conf.clone(),
-                source,
-            })?;
-        for args in &self.switches {
-            let mut vm = self.in_ns(&self.inner.vm_command(workdir));
-            let out = vm
-                .args(args)
-                .output()
-                .map_err(|source| LaunchError::Spawn {
-                    program: "vm".into(),
-                    source,
-                })?;
-            if !out.status.success() {
-                return Err(LaunchError::Setup {
-                    command: format!("vm {}", args.join(" ")),
-                    status: out.status,
-                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-                });
-            }
-        }
-        Ok(self.in_ns(&command))
-    }
-}
-
-impl InNetns<'_> {
-    /// `command` (program, arguments, environment) under `ip netns exec`.
-    fn in_ns(&self, command: &Command) -> Command {
-        let mut wrapped = self.ns.exec(Path::new(command.get_program()));
-        wrapped
-            .args(command.get_args())
-            .envs(command.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
-        if let Some(dir) = command.get_current_dir() {
-            wrapped.current_dir(dir);
-        }
-        wrapped
-    }
 }
 
 fn kit_spec() -> anyhow::Result<GuestSpec> {
@@ -262,40 +125,11 @@ fn run_ok(vm: &mut TestVm, command: &str) -> anyhow::Result<String> {
     Ok(out.output.trim().to_owned())
 }
 
-/// Brings up the guest's interface with MAC `mac` as `addrs` (IPv6 without DAD). Returns
-/// the interface's name.
-fn guest_ifup(vm: &mut TestVm, mac: &str, addrs: &[&str]) -> anyhow::Result<String> {
-    let ifname = run_ok(
-        vm,
-        &format!(
-            "for i in /sys/class/net/*; do [ \"$(cat $i/address)\" = {mac} ] && basename $i; done; true"
-        ),
-    )?;
-    ensure!(
-        !ifname.is_empty() && !ifname.contains(char::is_whitespace),
-        "no single guest interface has MAC {mac}: {ifname:?}"
-    );
-    // No duplicate address detection (busybox `ip` has no `nodad`): the address is usable
-    // at once.
-    run_ok(
-        vm,
-        &format!("echo 0 > /proc/sys/net/ipv6/conf/{ifname}/accept_dad && ip link set {ifname} up"),
-    )?;
-    for addr in addrs {
-        run_ok(vm, &format!("ip addr add {addr} dev {ifname}"))?;
-    }
-    Ok(ifname)
-}
-
 fn guest_ping(vm: &mut TestVm, addr: &str) -> anyhow::Result<()> {
     let ping = if addr.contains(':') { "ping6" } else { "ping" };
     run_ok(vm, &format!("{ping} -c 3 -W 5 {addr}"))
         .map(drop)
         .with_context(|| format!("the guest cannot ping {addr}"))
-}
-
-fn switch_args(args: &[&str]) -> Vec<String> {
-    args.iter().map(|&s| s.to_owned()).collect()
 }
 
 fn host_and_guest() -> anyhow::Result<()> {
@@ -433,7 +267,7 @@ fn tcp_stream(ns: &Netns, vm: &mut TestVm) -> anyhow::Result<()> {
         vm,
         &format!("(nc -l -p {STREAM_PORT} | sha256sum > /tmp/stream.sum) >/dev/null 2>&1 &"),
     )?;
-    let ns_path = PathBuf::from("/run/netns").join(&ns.name);
+    let ns_path = ns.path();
     let target = format!("{}:{STREAM_PORT}", GUEST4[0]);
     let started = Instant::now();
     let sender = std::thread::spawn(move || -> anyhow::Result<()> {
