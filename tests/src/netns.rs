@@ -72,6 +72,18 @@ impl Netns {
         c
     }
 
+    /// `command` (program, arguments, environment, directory) under `ip netns exec`.
+    pub fn wrap(&self, command: &Command) -> Command {
+        let mut wrapped = self.exec(Path::new(command.get_program()));
+        wrapped
+            .args(command.get_args())
+            .envs(command.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
+        if let Some(dir) = command.get_current_dir() {
+            wrapped.current_dir(dir);
+        }
+        wrapped
+    }
+
     /// Whether `ping` from inside the namespace gets an answer from `addr`.
     pub fn ping(&self, addr: &str) -> anyhow::Result<()> {
         sh(Command::new("ip").args([
@@ -168,14 +180,7 @@ impl Launcher for InNetns<'_> {
 impl InNetns<'_> {
     /// `command` (program, arguments, environment) under `ip netns exec`.
     pub fn in_ns(&self, command: &Command) -> Command {
-        let mut wrapped = self.ns.exec(Path::new(command.get_program()));
-        wrapped
-            .args(command.get_args())
-            .envs(command.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
-        if let Some(dir) = command.get_current_dir() {
-            wrapped.current_dir(dir);
-        }
-        wrapped
+        self.ns.wrap(command)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Guest-level network benchmark: capvm's dev-net against QEMU's `virtio-net-pci`, the same
 //! kit guest, the same bridge, in one run.
 //!
-//! The bench creates a network namespace (`capvm-bench-<pid>`) and, in it, capvm's standard
+//! The bench creates a network namespace (`capvm-e2e-bench-<pid>`) and, in it, capvm's standard
 //! switch `bench` (bridge `vm-bench`, host addresses `198.18.9.1/24`, `2001:db8:9::1/64`) and
 //! an `iperf3 -s` on the host side. capvm's guest gets `network0` on that switch (a tap from
 //! netcfg, served by a sandboxed dev-net); QEMU's guest gets `virtio-net-pci` on a tap of its
@@ -34,6 +34,7 @@ use tests::kit::{Action, Kit, KitCmdline};
 use tests::launcher::{
     Accel, CapvmLauncher, GuestSpec, LaunchError, Launcher, Machine, QemuLauncher,
 };
+use tests::netns::{Netns, sh};
 use tests::procfs;
 use tests::testvm::TestVm;
 
@@ -66,72 +67,6 @@ const QEMU_GUEST: Guest = Guest {
     mac: "58:9c:fc:0b:00:03",
     addr4: "198.18.9.3",
 };
-
-/// A network namespace, deleted on drop.
-#[derive(Debug)]
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> anyhow::Result<Netns> {
-        let name = format!("capvm-bench-{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        sh(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
-        sh(Command::new("ip").args(["-n", &self.name]).args(args))
-    }
-
-    /// `program args` inside the namespace.
-    fn exec(&self, program: &std::ffi::OsStr) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
-    }
-
-    /// `command` (program, arguments, environment, directory) inside the namespace.
-    fn wrap(&self, command: &Command) -> Command {
-        let mut wrapped = self.exec(command.get_program());
-        wrapped
-            .args(command.get_args())
-            .envs(command.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
-        if let Some(dir) = command.get_current_dir() {
-            wrapped.current_dir(dir);
-        }
-        wrapped
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// Runs `command`; it must exit 0. Returns its stdout.
-fn sh(command: &mut Command) -> anyhow::Result<String> {
-    let out = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{command:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// capvm in the namespace: the `bench` switch, and `network0` on it.
 #[derive(Debug)]
@@ -368,7 +303,7 @@ fn run() -> anyhow::Result<()> {
     println!(
         "bench_net: capvm = dev-net (no vhost exists in capvm); qemu = virtio-net-pci, -netdev tap vhost=off (vhost-net off), microvm with PCIe"
     );
-    let ns = Netns::new()?;
+    let ns = Netns::new("bench")?;
     let mut server = IperfServer::start(&ns)?;
     let initrd = packages_initrd(&kit.dir)?;
     println!("bench_net: kit {} ({})", kit.key, initrd.display());
@@ -535,7 +470,7 @@ struct IperfServer {
 impl IperfServer {
     fn start(ns: &Netns) -> anyhow::Result<IperfServer> {
         let child = ns
-            .exec("iperf3".as_ref())
+            .exec(Path::new("iperf3"))
             .arg("-s")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -615,7 +550,7 @@ fn measure_in(vm: &mut TestVm, guest: Guest, ns: &Netns, o: Options) -> anyhow::
         ensure!(Instant::now() < deadline, "the guest cannot ping {HOST4}");
     }
     sh(ns
-        .exec("ping".as_ref())
+        .exec(Path::new("ping"))
         .args(["-c", "2", "-W", "5", guest.addr4]))
     .context("the host cannot ping the guest")?;
     let mut sample = Sample {
@@ -632,7 +567,7 @@ fn measure_in(vm: &mut TestVm, guest: Guest, ns: &Netns, o: Options) -> anyhow::
     )?;
     sample.ping_from_guest = ping_times(&out.replace(' ', "\n"));
     let host_ping = ns
-        .exec("ping".as_ref())
+        .exec(Path::new("ping"))
         .args([
             "-c",
             &o.pings.to_string(),
