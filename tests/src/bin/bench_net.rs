@@ -24,7 +24,6 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -34,7 +33,7 @@ use tests::kit::{Action, Kit, KitCmdline};
 use tests::launcher::{
     Accel, CapvmLauncher, GuestSpec, LaunchError, Launcher, Machine, QemuLauncher,
 };
-use tests::netns::{Netns, sh};
+use tests::netns::{InNetns, Netns, args, sh};
 use tests::procfs;
 use tests::testvm::TestVm;
 
@@ -67,66 +66,6 @@ const QEMU_GUEST: Guest = Guest {
     mac: "58:9c:fc:0b:00:03",
     addr4: "198.18.9.3",
 };
-
-/// capvm in the namespace: the `bench` switch, and `network0` on it.
-#[derive(Debug)]
-struct CapvmOnSwitch<'a> {
-    inner: CapvmLauncher,
-    ns: &'a Netns,
-}
-
-impl Launcher for CapvmOnSwitch<'_> {
-    fn name(&self) -> String {
-        "capvm".into()
-    }
-
-    fn command(&self, spec: &GuestSpec, workdir: &Path) -> Result<Command, LaunchError> {
-        let command = self.inner.command(spec, workdir)?;
-        let conf = workdir
-            .join("vms")
-            .join(&self.inner.name)
-            .join(format!("{}.conf", self.inner.name));
-        let lines = format!(
-            "network0_type=\"virtio-net\"\nnetwork0_switch=\"{SWITCH}\"\nnetwork0_mac=\"{}\"\n",
-            CAPVM_GUEST.mac
-        );
-        fs::OpenOptions::new()
-            .append(true)
-            .open(&conf)
-            .and_then(|mut f| f.write_all(lines.as_bytes()))
-            .map_err(|source| LaunchError::Prepare {
-                path: conf.clone(),
-                source,
-            })?;
-        // Each run's datastore is new; the bridge it names outlives the guests.
-        let args = [
-            "switch",
-            "create",
-            "-a",
-            &format!("{HOST4}/24"),
-            "-a",
-            &format!("{HOST6}/64"),
-            SWITCH,
-        ];
-        let out = self
-            .ns
-            .wrap(&self.inner.vm_command(workdir))
-            .args(args)
-            .output()
-            .map_err(|source| LaunchError::Spawn {
-                program: "vm".into(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(LaunchError::Setup {
-                command: format!("vm {}", args.join(" ")),
-                status: out.status,
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
-        Ok(self.ns.wrap(&command))
-    }
-}
 
 /// QEMU in the namespace: `virtio-net-pci` on a tap of its own on the switch's bridge.
 #[derive(Debug)]
@@ -317,9 +256,24 @@ fn run() -> anyhow::Result<()> {
     let mut qemu = QemuLauncher::new(Machine::Microvm, Accel::Kvm);
     // microvm with a PCIe root, so QEMU's NIC is virtio-net-pci like capvm's.
     qemu.extra = vec!["-machine".into(), "pcie=on".into()];
-    let capvm = CapvmOnSwitch {
+    // capvm in the namespace: the `bench` switch (each run's datastore is new; the bridge it
+    // names outlives the guests), and `network0` on it.
+    let capvm = InNetns {
         inner: CapvmLauncher::new("bench"),
         ns: &ns,
+        switches: vec![args(&[
+            "switch",
+            "create",
+            "-a",
+            &format!("{HOST4}/24"),
+            "-a",
+            &format!("{HOST6}/64"),
+            SWITCH,
+        ])],
+        conf: format!(
+            "network0_type=\"virtio-net\"\nnetwork0_switch=\"{SWITCH}\"\nnetwork0_mac=\"{}\"\n",
+            CAPVM_GUEST.mac
+        ),
     };
     let qemu = QemuOnBridge {
         inner: qemu,
