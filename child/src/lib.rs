@@ -192,7 +192,8 @@ fn bootstrap_channel() -> Result<Channel, StartError> {
     Ok(Channel::from_fd(fd))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// `e` and its sources, joined by ": " (for logs and `Failed` replies).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {
@@ -201,6 +202,26 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+/// Whether the supervisor closed the bootstrap channel (other traffic is read and dropped):
+/// a device process's signal to exit.
+pub fn supervisor_hung_up(bootstrap: &Channel) -> bool {
+    match bootstrap.recv_timeout::<proto::bootstrap::BootstrapReply>(std::time::Duration::ZERO) {
+        Err(ChannelError::Closed) => true,
+        Err(ChannelError::Timeout | ChannelError::WouldBlock) | Ok(_) => false,
+        Err(e) => {
+            tracing::debug!(error = %e, "ignoring a malformed packet on the bootstrap channel");
+            false
+        }
+    }
+}
+
+/// Consumes an eventfd's count (a kick) so it stops polling readable. Call it only when the fd
+/// polled readable: a blocking eventfd with no count would block.
+pub fn drain_eventfd(f: &mut File) {
+    let mut buf = [0u8; 8];
+    let _ = std::io::Read::read(f, &mut buf);
 }
 
 /// Waits until the supervisor closes the bootstrap channel, the signal for a child that has

@@ -286,28 +286,9 @@ pub fn build_queue(
     child::guest_ram::build_queue(c, MAX_QUEUE_SIZE, event_idx, mem)
 }
 
-/// Whether the supervisor closed the bootstrap channel (other traffic is read and dropped).
-fn supervisor_hung_up(bootstrap: &Channel) -> bool {
-    match bootstrap.recv_timeout::<proto::bootstrap::BootstrapReply>(std::time::Duration::ZERO) {
-        Err(ChannelError::Closed) => true,
-        Err(ChannelError::Timeout | ChannelError::WouldBlock) | Ok(_) => false,
-        Err(e) => {
-            tracing::debug!(error = %e, "ignoring a malformed packet on the bootstrap channel");
-            false
-        }
-    }
-}
+use child::supervisor_hung_up;
 
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
+pub(crate) use child::error_chain;
 
 #[cfg(test)]
 mod tests {

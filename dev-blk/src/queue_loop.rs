@@ -24,7 +24,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -435,10 +435,7 @@ pub fn replay_requests(
     Ok(out)
 }
 
-fn drain_eventfd(f: &mut File) {
-    let mut buf = [0u8; 8];
-    let _ = f.read(&mut buf);
-}
+use child::drain_eventfd;
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)] // virtio's u32 flag constants fit u16

@@ -532,13 +532,4 @@ fn read_client(c: &mut Client, ctx: &mut Context<'_>, events: &mut Vec<Event>) {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
+use child::error_chain;

@@ -13,7 +13,7 @@
 //! tap that goes away turns the link down (`ConfigChanged`); the process serves on.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::OwnedFd;
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -694,22 +694,9 @@ fn format_mac(m: [u8; 6]) -> String {
         .join(":")
 }
 
-fn drain(f: &mut File) {
-    let mut buf = [0u8; 8];
-    let _ = f.read(&mut buf);
-}
+use child::drain_eventfd as drain;
 
-/// Whether the supervisor closed the bootstrap channel (other traffic is read and dropped).
-fn supervisor_hung_up(bootstrap: &Channel) -> bool {
-    match bootstrap.recv_timeout::<proto::bootstrap::BootstrapReply>(std::time::Duration::ZERO) {
-        Err(ChannelError::Closed) => true,
-        Err(ChannelError::Timeout | ChannelError::WouldBlock) | Ok(_) => false,
-        Err(e) => {
-            tracing::debug!(error = %e, "ignoring a malformed packet on the bootstrap channel");
-            false
-        }
-    }
-}
+use child::supervisor_hung_up;
 
 #[cfg(test)]
 mod tests {

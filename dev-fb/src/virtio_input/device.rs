@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use proto::channel::{Channel, ChannelError, ChannelKind};
@@ -440,10 +440,7 @@ impl VirtioInput {
     }
 }
 
-fn drain(f: &mut File) {
-    let mut buf = [0u8; 8];
-    let _ = f.read(&mut buf);
-}
+use child::drain_eventfd as drain;
 
 #[cfg(test)]
 mod tests {
