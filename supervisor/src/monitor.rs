@@ -434,6 +434,52 @@ fn open_logs(cfg: &MonitorConfig) -> Result<(File, Vec<File>, Vec<File>), Monito
     Ok((runner_log, disk_logs, nic_logs))
 }
 
+/// Reaps a device process that ended; records its `status` and describes it for the log.
+fn reap(
+    process: &mut std::process::Child,
+    status: &mut Option<std::process::ExitStatus>,
+) -> String {
+    match process.wait() {
+        Ok(s) => {
+            *status = Some(s);
+            runner::describe_status(s)
+        }
+        Err(e) => {
+            // Not reapable: stop polling it rather than spin.
+            *status = Some(std::os::unix::process::ExitStatusExt::from_raw(0));
+            format!("status unknown ({e})")
+        }
+    }
+}
+
+/// What a device process's death means for its restart budget.
+enum Death {
+    /// Restart it at the time set in `restart_at`.
+    Restart,
+    /// More than [`MAX_DEVICE_DEATHS`] deaths within [`DEVICE_DEATH_WINDOW`] (this many): fail
+    /// it; `restart_at` is cleared.
+    Failed(usize),
+}
+
+/// Counts a death now in `deaths` (which keeps the last [`DEVICE_DEATH_WINDOW`]) and sets
+/// `restart_at` after the [`device_backoff`] for that count, or fails the process.
+fn count_death(deaths: &mut VecDeque<Instant>, restart_at: &mut Option<Instant>) -> Death {
+    let now = Instant::now();
+    deaths.push_back(now);
+    while deaths
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > DEVICE_DEATH_WINDOW)
+    {
+        deaths.pop_front();
+    }
+    if deaths.len() > MAX_DEVICE_DEATHS {
+        *restart_at = None;
+        return Death::Failed(deaths.len());
+    }
+    *restart_at = now.checked_add(device_backoff(deaths.len()));
+    Death::Restart
+}
+
 /// Makes the NICs' taps for this run (none without NICs) and logs them.
 fn start_network(cfg: &MonitorConfig, log: &mut VmLog) -> Result<GuestNetwork, MonitorError> {
     if cfg.plan.nics.is_empty() {
@@ -904,17 +950,7 @@ impl Monitor<'_> {
         let Some(device) = self.runner.devices.get_mut(i) else {
             return;
         };
-        let status = match device.process.wait() {
-            Ok(status) => {
-                device.status = Some(status);
-                runner::describe_status(status)
-            }
-            Err(e) => {
-                // Not reapable: stop polling it rather than spin.
-                device.status = Some(std::os::unix::process::ExitStatusExt::from_raw(0));
-                format!("status unknown ({e})")
-            }
-        };
+        let status = reap(&mut device.process, &mut device.status);
         let line = format!("{} (pid {}) died: {status}", device.name, device.pid());
         tracing::warn!(device = %device.name, %status, "device process died");
         self.log.line(&line);
@@ -930,35 +966,23 @@ impl Monitor<'_> {
         let Some(device) = self.runner.devices.get_mut(i) else {
             return;
         };
-        let now = Instant::now();
-        device.deaths.push_back(now);
-        while device
-            .deaths
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > DEVICE_DEATH_WINDOW)
-        {
-            device.deaths.pop_front();
-        }
-        if device.deaths.len() > MAX_DEVICE_DEATHS {
-            device.failed = true;
-            device.restart_at = None;
-            let line = format!(
-                "{} died {} times within {} s: marked failed, not restarted again",
-                device.name,
-                device.deaths.len(),
-                DEVICE_DEATH_WINDOW.as_secs()
-            );
-            tracing::error!(device = %device.name, "device failed");
-            self.log.line(&line);
-            self.send_to_runner(
-                &ToRunner::DeviceFailed {
-                    index: u16::try_from(i).unwrap_or(u16::MAX),
-                },
-                None,
-            );
+        let Death::Failed(deaths) = count_death(&mut device.deaths, &mut device.restart_at) else {
             return;
-        }
-        device.restart_at = now.checked_add(device_backoff(device.deaths.len()));
+        };
+        device.failed = true;
+        let line = format!(
+            "{} died {deaths} times within {} s: marked failed, not restarted again",
+            device.name,
+            DEVICE_DEATH_WINDOW.as_secs()
+        );
+        tracing::error!(device = %device.name, "device failed");
+        self.log.line(&line);
+        self.send_to_runner(
+            &ToRunner::DeviceFailed {
+                index: u16::try_from(i).unwrap_or(u16::MAX),
+            },
+            None,
+        );
     }
 
     /// Starts device `i` again and hands the runner its new channel.
@@ -1005,16 +1029,7 @@ impl Monitor<'_> {
         let Some(dev_fb) = self.runner.display.as_mut() else {
             return;
         };
-        let status = match dev_fb.process.wait() {
-            Ok(status) => {
-                dev_fb.status = Some(status);
-                runner::describe_status(status)
-            }
-            Err(e) => {
-                dev_fb.status = Some(std::os::unix::process::ExitStatusExt::from_raw(0));
-                format!("status unknown ({e})")
-            }
-        };
+        let status = reap(&mut dev_fb.process, &mut dev_fb.status);
         tracing::warn!(%status, "dev-fb died");
         self.log
             .line(&format!("dev-fb (pid {}) died: {status}", dev_fb.pid()));
@@ -1040,31 +1055,19 @@ impl Monitor<'_> {
         let Some(dev_fb) = self.runner.display.as_mut() else {
             return;
         };
-        let now = Instant::now();
-        dev_fb.deaths.push_back(now);
-        while dev_fb
-            .deaths
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > DEVICE_DEATH_WINDOW)
-        {
-            dev_fb.deaths.pop_front();
-        }
-        if dev_fb.deaths.len() > MAX_DEVICE_DEATHS {
-            dev_fb.failed = true;
-            dev_fb.restart_at = None;
-            let line = format!(
-                "dev-fb died {} times within {} s: marked failed, not restarted again",
-                dev_fb.deaths.len(),
-                DEVICE_DEATH_WINDOW.as_secs()
-            );
-            tracing::error!("dev-fb failed");
-            self.log.line(&line);
-            for index in self.input_indices() {
-                self.send_to_runner(&ToRunner::DeviceFailed { index }, None);
-            }
+        let Death::Failed(deaths) = count_death(&mut dev_fb.deaths, &mut dev_fb.restart_at) else {
             return;
+        };
+        dev_fb.failed = true;
+        let line = format!(
+            "dev-fb died {deaths} times within {} s: marked failed, not restarted again",
+            DEVICE_DEATH_WINDOW.as_secs()
+        );
+        tracing::error!("dev-fb failed");
+        self.log.line(&line);
+        for index in self.input_indices() {
+            self.send_to_runner(&ToRunner::DeviceFailed { index }, None);
         }
-        dev_fb.restart_at = now.checked_add(device_backoff(dev_fb.deaths.len()));
     }
 
     /// Starts dev-fb again with the run's listener and framebuffer, this boot's guest RAM, a
