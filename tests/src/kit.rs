@@ -203,6 +203,21 @@ pub struct KitCmdline {
     pub extra: Vec<String>,
 }
 
+/// The kit with its agent (`capvm.action=agent`) on `cpus` vCPUs with `memory_mib` of RAM:
+/// the guest most e2e tests drive.
+pub fn agent_guest(cpus: u32, memory_mib: u32) -> Result<crate::launcher::GuestSpec, KitError> {
+    let mut cmdline = KitCmdline::new(Action::Agent);
+    cmdline.cpus = Some(cpus);
+    let kit = Kit::locate()?;
+    Ok(crate::launcher::GuestSpec {
+        kernel: kit.kernel.clone(),
+        initrd: kit.initrd.clone(),
+        cmdline: cmdline.render()?,
+        cpus,
+        memory_mib,
+    })
+}
+
 impl KitCmdline {
     pub fn new(action: Action) -> KitCmdline {
         KitCmdline {

@@ -39,7 +39,6 @@ use anyhow::{Context, bail, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tests::harness::{self, E2e, Needs};
-use tests::kit::{Action, Kit, KitCmdline};
 use tests::launcher::{CapvmLauncher, GuestSpec, LaunchError, Launcher};
 use tests::netns::{InNetns, Netns, args, guest_ifup, sh};
 use tests::procfs;
@@ -99,16 +98,7 @@ fn main() -> ExitCode {
 }
 
 fn kit_spec() -> anyhow::Result<GuestSpec> {
-    let mut cmdline = KitCmdline::new(Action::Agent);
-    cmdline.cpus = Some(CPUS);
-    let kit = Kit::locate()?;
-    Ok(GuestSpec {
-        kernel: kit.kernel.clone(),
-        initrd: kit.initrd.clone(),
-        cmdline: cmdline.render()?,
-        cpus: CPUS,
-        memory_mib: MEMORY_MIB,
-    })
+    Ok(tests::kit::agent_guest(CPUS, MEMORY_MIB)?)
 }
 
 /// Starts a guest and waits for the kit's ready marker.

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use tests::harness::{self, E2e, Needs};
-use tests::kit::{Action, Kit, KitCmdline};
 use tests::launcher::{CapvmLauncher, GuestSpec};
 use tests::netns::{InNetns, Netns, args as switch_args, guest_ifup, sh};
 use tests::procfs;
@@ -70,16 +69,7 @@ fn main() -> ExitCode {
 }
 
 fn kit_spec() -> anyhow::Result<GuestSpec> {
-    let mut cmdline = KitCmdline::new(Action::Agent);
-    cmdline.cpus = Some(CPUS);
-    let kit = Kit::locate()?;
-    Ok(GuestSpec {
-        kernel: kit.kernel.clone(),
-        initrd: kit.initrd.clone(),
-        cmdline: cmdline.render()?,
-        cpus: CPUS,
-        memory_mib: MEMORY_MIB,
-    })
+    Ok(tests::kit::agent_guest(CPUS, MEMORY_MIB)?)
 }
 
 fn start(launcher: &InNetns<'_>) -> anyhow::Result<TestVm> {
