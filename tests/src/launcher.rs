@@ -166,11 +166,9 @@ impl Launcher for QemuLauncher {
     }
 }
 
-/// capvm's `vm` command, against a datastore of its own under the workdir.
-///
-/// Written against the interface the next issue builds (`vm init`, a
-/// vm-bhyve `NAME.conf` with `loader="linux"`, `vm start -f NAME` with the
-/// console on stdio); not exercised by any test yet.
+/// capvm's `vm` command, against a datastore of its own under the workdir: `vm init`, a
+/// vm-bhyve `NAME.conf` with `loader="linux"`, then `vm start -f NAME` with the console on
+/// stdio.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CapvmLauncher {
     /// The `vm` binary (default: from `CAPVM_LIBEXEC` or `PATH`).
@@ -216,26 +214,18 @@ impl CapvmLauncher {
             .env("CAPVM_CONF", workdir.join("vm.conf"));
         command
     }
-}
 
-impl Launcher for CapvmLauncher {
-    fn name(&self) -> String {
-        "capvm".to_owned()
-    }
-
-    fn command(&self, spec: &GuestSpec, workdir: &Path) -> Result<Command, LaunchError> {
+    /// Makes an empty datastore under `workdir` (`vm.conf` naming `workdir/vms`) and runs
+    /// `vm init` on it.
+    pub fn init(&self, workdir: &Path) -> Result<(), LaunchError> {
         let vms = workdir.join("vms");
-        let write = |path: PathBuf, text: String| {
-            std::fs::write(&path, text).map_err(|source| LaunchError::Prepare { path, source })
-        };
         std::fs::create_dir_all(&vms).map_err(|source| LaunchError::Prepare {
             path: vms.clone(),
             source,
         })?;
-        write(
-            workdir.join("vm.conf"),
-            format!("vm_dir=\"{}\"\n", vms.display()),
-        )?;
+        let conf = workdir.join("vm.conf");
+        std::fs::write(&conf, format!("vm_dir=\"{}\"\n", vms.display()))
+            .map_err(|source| LaunchError::Prepare { path: conf, source })?;
         let out = self
             .vm_command(workdir)
             .arg("init")
@@ -251,6 +241,21 @@ impl Launcher for CapvmLauncher {
                 stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             });
         }
+        Ok(())
+    }
+}
+
+impl Launcher for CapvmLauncher {
+    fn name(&self) -> String {
+        "capvm".to_owned()
+    }
+
+    fn command(&self, spec: &GuestSpec, workdir: &Path) -> Result<Command, LaunchError> {
+        self.init(workdir)?;
+        let vms = workdir.join("vms");
+        let write = |path: PathBuf, text: String| {
+            std::fs::write(&path, text).map_err(|source| LaunchError::Prepare { path, source })
+        };
         let dir = vms.join(&self.name);
         std::fs::create_dir_all(&dir).map_err(|source| LaunchError::Prepare {
             path: dir.clone(),
