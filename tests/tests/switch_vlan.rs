@@ -59,6 +59,14 @@ fn main() -> ExitCode {
     ])
 }
 
+/// `vm switch create -i vwire0 -n 10 -a 198.18.10.1/24 tagged`.
+fn create_args() -> Vec<String> {
+    let host = format!("{HOST4}/24");
+    switch_args(&[
+        "switch", "create", "-i", PORT, "-n", "10", "-a", &host, SWITCH,
+    ])
+}
+
 /// Skips where the kernel cannot make VLAN interfaces.
 fn need_8021q() -> anyhow::Result<()> {
     let _ = Command::new("modprobe").arg("8021q").status();
@@ -170,17 +178,8 @@ fn bridge_over_vlan() -> anyhow::Result<()> {
     let vm = |args: &[&str]| -> anyhow::Result<String> {
         sh(ns.wrap(&capvm.vm_command(work.path())).args(args))
     };
-    vm(&[
-        "switch",
-        "create",
-        "-i",
-        PORT,
-        "-n",
-        "10",
-        "-a",
-        &format!("{HOST4}/24"),
-        SWITCH,
-    ])?;
+    let create = create_args();
+    vm(&create.iter().map(String::as_str).collect::<Vec<_>>())?;
     let member = ns.ip(&["-d", "link", "show", &format!("{PORT}.10")])?;
     ensure!(
         member.contains("vlan protocol 802.1Q id 10")
@@ -258,17 +257,7 @@ fn guest_over_vlan() -> anyhow::Result<()> {
     let launcher = InNetns {
         inner: CapvmLauncher::new("vlan"),
         ns: &ns,
-        switches: vec![switch_args(&[
-            "switch",
-            "create",
-            "-i",
-            PORT,
-            "-n",
-            "10",
-            "-a",
-            &format!("{HOST4}/24"),
-            SWITCH,
-        ])],
+        switches: vec![create_args()],
         conf: format!(
             "network0_type=\"virtio-net\"\nnetwork0_switch=\"{SWITCH}\"\nnetwork0_mac=\"{GUEST_MAC}\"\n"
         ),
