@@ -5,8 +5,14 @@
 //! guest's pixels through a [`Screen`] and converting them with the client's [`Converter`].
 //! Zlib and ZRLE keep one deflate stream per client for the life of the connection, as the
 //! RFC requires (each rectangle ends with a sync flush).
+//!
+//! Pixels go to deflate as they are produced (a row of pixels for Zlib, a row of tiles for
+//! ZRLE), so the scratch memory is one such row however large the rectangle, and a whole-screen
+//! rectangle is one deflate run: repeated content anywhere in the last 32 KiB is found. The
+//! streams use zlib's largest hash and symbol buffers (memory level 9, about 0.5 MiB a stream):
+//! longer deflate blocks, fewer block headers.
 
-use flate2::{Compress, Compression, FlushCompress, Status};
+use zlib_rs::{DeflateConfig, DeflateFlush, Method, Status, Strategy};
 
 use crate::framebuffer::Screen;
 use crate::message::Rect;
@@ -51,21 +57,79 @@ impl Encoding {
 /// Side of a ZRLE tile.
 const ZRLE_TILE: u16 = 64;
 
+/// Zlib pixel bytes gathered before they go to deflate.
+const ZLIB_CHUNK: usize = 64 * 1024;
+
 /// Why a rectangle could not be encoded.
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
-    #[error("deflate failed")]
-    Deflate(#[from] flate2::CompressError),
+    #[error("deflate failed: {0}")]
+    Deflate(&'static str),
     #[error("compressed rectangle longer than 4 GiB")]
     TooLong,
+}
+
+/// One client's deflate stream for one encoding.
+struct Stream(zlib_rs::Deflate);
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("total_in", &self.0.total_in())
+            .field("total_out", &self.0.total_out())
+            .finish()
+    }
+}
+
+impl Stream {
+    fn new(level: i32) -> Stream {
+        Stream(zlib_rs::Deflate::new_with_config(DeflateConfig {
+            level,
+            method: Method::Deflated,
+            window_bits: 15,
+            mem_level: 9,
+            strategy: Strategy::Default,
+        }))
+    }
+
+    /// Deflates all of `input` into `out`; with [`DeflateFlush::SyncFlush`] also everything
+    /// deflate still holds, so the client can decode it now.
+    fn compress(
+        &mut self,
+        mut input: &[u8],
+        flush: DeflateFlush,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
+        loop {
+            let start = out.len();
+            // Room for what deflate may write: it never grows data by much more than 0.1%.
+            let room = (input.len() / 512 + 4096).max(input.len() / 8);
+            out.resize(start.saturating_add(room), 0);
+            let (in0, out0) = (self.0.total_in(), self.0.total_out());
+            let status = self
+                .0
+                .compress(input, out.get_mut(start..).unwrap_or_default(), flush)
+                .map_err(|e| EncodeError::Deflate(e.as_str()))?;
+            let used = usize::try_from(self.0.total_in() - in0).unwrap_or(usize::MAX);
+            let made = usize::try_from(self.0.total_out() - out0).unwrap_or(usize::MAX);
+            out.truncate(start.saturating_add(made));
+            input = input.get(used..).unwrap_or_default();
+            // Done when all input is in and, for a flush, deflate left output room unused
+            // (it had nothing more to say).
+            let drained = flush == DeflateFlush::NoFlush || made < room;
+            if (input.is_empty() && drained) || status == Status::BufError {
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// Per-client encoder state: the deflate streams of Zlib and ZRLE.
 #[derive(Debug)]
 pub struct Encoder {
-    level: Compression,
-    zlib: Option<Compress>,
-    zrle: Option<Compress>,
+    level: i32,
+    zlib: Option<Stream>,
+    zrle: Option<Stream>,
     raw: Vec<u8>,
     row: Vec<u8>,
     values: Vec<u32>,
@@ -78,36 +142,28 @@ fn header(out: &mut Vec<u8>, rect: Rect, encoding: i32) {
     out.extend_from_slice(&encoding.to_be_bytes());
 }
 
-/// Deflates `input` into `out` with a sync flush, so the client can decode it now.
-fn deflate(stream: &mut Compress, input: &[u8], out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    let mut consumed = 0usize;
-    loop {
-        if out.capacity() - out.len() < 1024 {
-            out.reserve(out.len().max(4096));
-        }
-        let before_in = stream.total_in();
-        let status = stream.compress_vec(
-            input.get(consumed..).unwrap_or_default(),
-            out,
-            FlushCompress::Sync,
-        )?;
-        consumed = consumed
-            .saturating_add(usize::try_from(stream.total_in() - before_in).unwrap_or(usize::MAX));
-        // A sync flush is complete when all input is in and deflate left spare output room.
-        if consumed >= input.len() && out.len() < out.capacity() {
-            return Ok(());
-        }
-        if status == Status::StreamEnd {
-            return Ok(());
-        }
+/// Writes the `u32` length of the compressed data that starts after the slot at `len_at`.
+fn patch_len(out: &mut [u8], len_at: usize) -> Result<(), EncodeError> {
+    let len = out
+        .len()
+        .checked_sub(len_at.saturating_add(4))
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or(EncodeError::TooLong)?;
+    if let Some(slot) = out.get_mut(len_at..len_at.saturating_add(4)) {
+        slot.copy_from_slice(&len.to_be_bytes());
     }
+    Ok(())
+}
+
+fn level_of(level: u32) -> i32 {
+    i32::try_from(level.min(9)).unwrap_or(9)
 }
 
 impl Encoder {
     /// A new encoder at compression `level` (0..=9).
     pub fn new(level: u32) -> Encoder {
         Encoder {
-            level: Compression::new(level.min(9)),
+            level: level_of(level),
             zlib: None,
             zrle: None,
             raw: Vec::new(),
@@ -124,7 +180,7 @@ impl Encoder {
 
     /// Sets the level for streams not yet started (a running stream keeps its level).
     pub fn set_level(&mut self, level: u32) {
-        self.level = Compression::new(level.min(9));
+        self.level = level_of(level);
     }
 
     /// Appends one rectangle of `screen` in `encoding`.
@@ -139,57 +195,89 @@ impl Encoder {
         match encoding {
             Encoding::Raw => {
                 header(out, rect, number::RAW);
-                self.raw_pixels(screen, rect, conv, out);
+                let src = SourceFormat::for_bpp(screen.mode().bpp);
+                out.reserve(
+                    usize::from(rect.w) * usize::from(rect.h) * conv.format().bytes_per_pixel(),
+                );
+                for y in rect.y..rect.y.saturating_add(rect.h) {
+                    self.pixel_row(screen, rect, y);
+                    conv.convert_row(src, &self.row, out);
+                }
                 Ok(())
             }
             Encoding::Zlib => {
                 header(out, rect, number::ZLIB);
-                let mut raw = std::mem::take(&mut self.raw);
-                raw.clear();
-                self.raw_pixels(screen, rect, conv, &mut raw);
-                let stream = self
-                    .zlib
-                    .get_or_insert_with(|| Compress::new(self.level, true));
-                let res = compressed(stream, &raw, out);
-                self.raw = raw;
-                res
+                let len_at = out.len();
+                out.extend_from_slice(&[0; 4]);
+                let level = self.level;
+                let mut stream = self.zlib.take().unwrap_or_else(|| Stream::new(level));
+                let res = self.zlib_data(&mut stream, screen, rect, conv, out);
+                self.zlib = Some(stream);
+                res?;
+                patch_len(out, len_at)
             }
             Encoding::Zrle => {
                 header(out, rect, number::ZRLE);
-                let mut raw = std::mem::take(&mut self.raw);
-                raw.clear();
-                self.zrle_tiles(screen, rect, conv, &mut raw);
-                let stream = self
-                    .zrle
-                    .get_or_insert_with(|| Compress::new(self.level, true));
-                let res = compressed(stream, &raw, out);
-                self.raw = raw;
-                res
+                let len_at = out.len();
+                out.extend_from_slice(&[0; 4]);
+                let level = self.level;
+                let mut stream = self.zrle.take().unwrap_or_else(|| Stream::new(level));
+                let res = self.zrle_data(&mut stream, screen, rect, conv, out);
+                self.zrle = Some(stream);
+                res?;
+                patch_len(out, len_at)
             }
         }
     }
 
-    fn raw_pixels(&mut self, screen: &Screen<'_>, rect: Rect, conv: &Converter, out: &mut Vec<u8>) {
-        let src = SourceFormat::for_bpp(screen.mode().bpp);
-        out.reserve(usize::from(rect.w) * usize::from(rect.h) * conv.format().bytes_per_pixel());
-        for y in rect.y..rect.y.saturating_add(rect.h) {
-            screen.row(
-                u32::from(rect.x),
-                u32::from(y),
-                u32::from(rect.w),
-                &mut self.row,
-            );
-            conv.convert_row(src, &self.row, out);
-        }
+    /// Reads row `y` of `rect` into `self.row`.
+    fn pixel_row(&mut self, screen: &Screen<'_>, rect: Rect, y: u16) {
+        screen.row(
+            u32::from(rect.x),
+            u32::from(y),
+            u32::from(rect.w),
+            &mut self.row,
+        );
     }
 
-    /// The uncompressed ZRLE data of `rect`: its 64×64 tiles, left to right, top to bottom.
-    fn zrle_tiles(&mut self, screen: &Screen<'_>, rect: Rect, conv: &Converter, out: &mut Vec<u8>) {
+    /// The Zlib data of `rect`: its converted pixels, deflated a chunk of rows at a time.
+    fn zlib_data(
+        &mut self,
+        stream: &mut Stream,
+        screen: &Screen<'_>,
+        rect: Rect,
+        conv: &Converter,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
+        let src = SourceFormat::for_bpp(screen.mode().bpp);
+        self.raw.clear();
+        for y in rect.y..rect.y.saturating_add(rect.h) {
+            self.pixel_row(screen, rect, y);
+            conv.convert_row(src, &self.row, &mut self.raw);
+            if self.raw.len() >= ZLIB_CHUNK {
+                stream.compress(&self.raw, DeflateFlush::NoFlush, out)?;
+                self.raw.clear();
+            }
+        }
+        stream.compress(&self.raw, DeflateFlush::SyncFlush, out)
+    }
+
+    /// The ZRLE data of `rect`: its 64×64 tiles, left to right, top to bottom, deflated a
+    /// row of tiles at a time.
+    fn zrle_data(
+        &mut self,
+        stream: &mut Stream,
+        screen: &Screen<'_>,
+        rect: Rect,
+        conv: &Converter,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
         let src = SourceFormat::for_bpp(screen.mode().bpp);
         let cpixel = CPixel::for_converter(conv);
         let mut ty = 0u16;
         while ty < rect.h {
             let th = (rect.h - ty).min(ZRLE_TILE);
+            self.raw.clear();
             let mut tx = 0u16;
             while tx < rect.w {
                 let tw = (rect.w - tx).min(ZRLE_TILE);
@@ -203,24 +291,14 @@ impl Encoder {
                     );
                     conv.values_row(src, &self.row, &mut self.values);
                 }
-                zrle_tile(&self.values, usize::from(tw), conv, cpixel, out);
+                zrle_tile(&self.values, usize::from(tw), conv, cpixel, &mut self.raw);
                 tx += tw;
             }
+            stream.compress(&self.raw, DeflateFlush::NoFlush, out)?;
             ty += th;
         }
+        stream.compress(&[], DeflateFlush::SyncFlush, out)
     }
-}
-
-/// Appends `u32 length` and the deflated `raw`.
-fn compressed(stream: &mut Compress, raw: &[u8], out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    let len_at = out.len();
-    out.extend_from_slice(&[0; 4]);
-    deflate(stream, raw, out)?;
-    let len = u32::try_from(out.len() - len_at - 4).map_err(|_| EncodeError::TooLong)?;
-    if let Some(slot) = out.get_mut(len_at..len_at + 4) {
-        slot.copy_from_slice(&len.to_be_bytes());
-    }
-    Ok(())
 }
 
 /// How ZRLE writes one pixel: whole, or as 3 of its 4 bytes (RFC 6143 §7.7.6, CPIXEL).

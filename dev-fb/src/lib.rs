@@ -9,7 +9,9 @@
 //! display channel ([`proto::display::ToDisplay`]). With a guest that has a keyboard (and a
 //! tablet) it also holds the guest RAM memfd and one [`FdRole::DeviceChannel`] per input
 //! device, reads a [`DeviceSetup::Input`] after the display setup and serves the virtio-input
-//! devices ([`virtio_input`]) in the same loop.
+//! devices ([`virtio_input`]) in the same loop. VNC waits at most a few seconds for the runner's
+//! side of the devices' handshakes: a device whose runner answers later (logged as an error)
+//! starts when it does.
 //!
 //! Layout:
 //! - [`message`]: client messages and the version string, parsed with every length bounded.
@@ -47,6 +49,7 @@ pub mod session;
 pub mod virtio_input;
 
 use std::net::TcpListener;
+use std::time::{Duration, Instant};
 
 use proto::bootstrap::FdRole;
 use proto::channel::{Channel, ChannelError};
@@ -54,6 +57,12 @@ use proto::device::{DeviceMessageError, DeviceSetup, InputSetup};
 use proto::display::{DisplayError, DisplaySetup};
 
 use virtio_input::{InputDevices, VirtioInput};
+
+/// How long dev-fb waits for the runner's side of the input devices' handshakes before it
+/// serves VNC anyway; a device whose runner answers later starts then.
+const INPUT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The least wait for each device's hello, however late its turn comes.
+const INPUT_HANDSHAKE_MIN: Duration = Duration::from_millis(200);
 
 /// This process's seccomp policy, on top of the sandbox's base policy.
 pub const SECCOMP_POLICY: &str = include_str!("../seccomp.policy");
@@ -86,8 +95,6 @@ pub enum RunError {
     InputChannels { devices: usize, channels: usize },
     #[error("mapping guest memory failed")]
     GuestMemory(#[from] child::guest_ram::GuestRamError),
-    #[error("starting the input devices failed")]
-    Input(#[from] virtio_input::InputError),
 }
 
 /// Runs the process: bootstrap, capability mode, display setup, then serve until the
@@ -124,7 +131,15 @@ pub fn run() -> Result<(), RunError> {
             return Err(RunError::WrongInputSetup);
         };
         let memory = memory.ok_or(RunError::MissingFd(FdRole::GuestMemory))?;
-        start_input(&input_setup, &memory, channels)?
+        // Without input the display is still worth serving: a failure costs the keyboard and
+        // tablet, not VNC.
+        start_input(&input_setup, &memory, channels).unwrap_or_else(|e| {
+            tracing::error!(
+                error = %error_chain(&e),
+                "the input devices failed to start; serving VNC without keyboard and tablet"
+            );
+            InputDevices::default()
+        })
     };
     let fb = framebuffer::Framebuffer::map(fb_fd, setup.framebuffer_bytes)?;
     tracing::info!(
@@ -154,12 +169,23 @@ fn start_input(
         });
     }
     let mem = child::guest_ram::map_guest_ram(memory, &setup.memory)?;
-    let devices = setup
-        .devices
-        .iter()
-        .zip(channels)
-        .map(|(&kind, channel)| VirtioInput::start(kind, channel, mem.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let deadline = Instant::now() + INPUT_HANDSHAKE_TIMEOUT;
+    let mut devices = Vec::with_capacity(channels.len());
+    for (&kind, channel) in setup.devices.iter().zip(channels) {
+        // One deadline for all; a runner hello sent meanwhile is already queued, so a later
+        // device still gets a moment to read it.
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(INPUT_HANDSHAKE_MIN);
+        match VirtioInput::start(kind, channel, mem.clone(), wait) {
+            Ok(d) => devices.push(d),
+            Err(e) => tracing::error!(
+                device = virtio_input::config::name(kind),
+                error = %error_chain(&e),
+                "the device handshake with the runner failed; serving VNC without this device"
+            ),
+        }
+    }
     Ok(InputDevices::new(devices))
 }
 

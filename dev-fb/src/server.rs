@@ -24,7 +24,7 @@ use proto::channel::{Channel, ChannelError};
 use proto::display::{DisplaySetup, Mode, SharePolicy, ToDisplay};
 
 use crate::framebuffer::{FrameSource, Screen, TileGrid};
-use crate::input::InputSink;
+use crate::input::{InputEvent, InputSink};
 use crate::message::MAX_BUFFERED_MESSAGE;
 use crate::session::{Context, Event, Session};
 
@@ -472,6 +472,28 @@ impl<'a, S: InputSink> Server<'a, S> {
         }
     }
 
+    /// Lets go of what closing clients hold down in the guest, except keys another client
+    /// still holds.
+    fn release_closing(&mut self) {
+        let mut releases = Vec::new();
+        for c in self.clients.iter_mut().filter(|c| c.closing.is_some()) {
+            releases.extend(c.session.release_held());
+        }
+        for event in releases {
+            let other_holds = match event {
+                InputEvent::Key { code, .. } => self
+                    .clients
+                    .iter()
+                    .any(|c| c.closing.is_none() && c.session.holds_key(code)),
+                InputEvent::Pointer { .. } => false,
+            };
+            if !other_holds {
+                tracing::debug!(?event, "released for a client that went");
+                self.input.deliver(event);
+            }
+        }
+    }
+
     /// Drops clients that are closing or past their handshake deadline.
     fn reap(&mut self) {
         let now = Instant::now();
@@ -480,6 +502,7 @@ impl<'a, S: InputSink> Server<'a, S> {
                 c.close("handshake timed out");
             }
         }
+        self.release_closing();
         self.clients.retain_mut(|c| match &c.closing {
             None => true,
             Some(reason) => {

@@ -164,6 +164,47 @@ pub fn bind(listen: IpAddr, port: Option<u16>) -> Result<(TcpListener, SocketAdd
     Err(GraphicsError::NoFreePort { listen })
 }
 
+/// What a VNC client is told while dev-fb is failed (until the guest's next boot starts one).
+pub const DISPLAY_FAILED_REASON: &str =
+    "the guest's display server (dev-fb) failed and is not restarted until the guest reboots";
+
+/// Most connections [`refuse_clients`] answers per call, so a flood cannot hold the caller.
+const REFUSALS_PER_CALL: usize = 16;
+
+/// Accepts the connections waiting on `listener` (at most [`REFUSALS_PER_CALL`]) and refuses
+/// each with an RFB failure: `ProtocolVersion` 3.3, security type 0 ("invalid") and `reason`
+/// (RFC 6143 §7.1.1 and the 3.3 form of §7.1.2), then closes it. A VNC client shows the
+/// reason instead of hanging on a connection that is never greeted. Returns how many it
+/// refused.
+pub fn refuse_clients(listener: &TcpListener, reason: &str) -> usize {
+    use std::io::{Read, Write};
+    if let Err(e) = listener.set_nonblocking(true) {
+        tracing::warn!(error = %e, "making the VNC listener non-blocking failed");
+        return 0;
+    }
+    let mut refusal = b"RFB 003.003\n".to_vec();
+    refusal.extend_from_slice(&0u32.to_be_bytes());
+    refusal.extend_from_slice(&u32::try_from(reason.len()).unwrap_or(0).to_be_bytes());
+    refusal.extend_from_slice(reason.as_bytes());
+    let mut refused = 0;
+    while refused < REFUSALS_PER_CALL {
+        let mut stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        refused += 1;
+        // A fresh socket's send buffer takes the whole refusal at once; never wait on it.
+        let _ = stream.set_nonblocking(true);
+        let _ = stream.write_all(&refusal);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        // Whatever the client already sent (its version) is read, so that closing does not
+        // turn into a reset that could discard the refusal on its side.
+        let _ = stream.read(&mut [0u8; 64]);
+    }
+    refused
+}
+
 /// A running dev-fb (or a dead one waiting for its restart).
 #[derive(Debug)]
 pub struct DevFb {
@@ -318,6 +359,23 @@ mod tests {
             matches!(busy, Err(GraphicsError::PortBusy { .. })),
             "{busy:?}"
         );
+    }
+
+    #[test]
+    fn a_refused_client_reads_version_3_3_security_type_0_and_the_reason() {
+        use std::io::Read;
+        let (listener, _) = bind(IpAddr::V4(Ipv4Addr::LOCALHOST), Some(0)).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = std::net::TcpStream::connect(addr).expect("connect");
+        assert_eq!(refuse_clients(&listener, "gone"), 1);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).expect("read until closed");
+        assert_eq!(&got[..12], b"RFB 003.003\n");
+        assert_eq!(
+            &got[12..],
+            &[0, 0, 0, 0, 0, 0, 0, 4, b'g', b'o', b'n', b'e']
+        );
+        assert_eq!(refuse_clients(&listener, "gone"), 0, "nobody else waits");
     }
 
     #[test]

@@ -223,6 +223,8 @@ enum Token {
     DevicePidfd(usize),
     /// The pidfd of the current boot's dev-fb.
     DisplayPidfd,
+    /// The VNC listener, while dev-fb is failed: clients are refused with a reason.
+    VncRefusal,
     Console,
     ViewerIn(usize),
     ViewerOut(usize),
@@ -650,6 +652,7 @@ impl Monitor<'_> {
                     Token::Pidfd => runner_ended = true,
                     Token::DevicePidfd(i) => self.on_device_exit(i),
                     Token::DisplayPidfd => self.on_display_exit(),
+                    Token::VncRefusal => self.refuse_vnc_clients(),
                     Token::Console => {
                         if flags.intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
                             self.read_console();
@@ -721,6 +724,12 @@ impl Monitor<'_> {
         {
             tokens.push(Token::DisplayPidfd);
             fds.push(PollFd::new(dev_fb.pidfd.as_fd(), PollFlags::POLLIN));
+        }
+        if let Some(g) = &self.graphics
+            && self.runner.display.as_ref().is_some_and(|d| d.failed)
+        {
+            tokens.push(Token::VncRefusal);
+            fds.push(PollFd::new(g.console.listener.as_fd(), PollFlags::POLLIN));
         }
         let mut console_flags = PollFlags::empty();
         if !self.console.eof {
@@ -1039,6 +1048,18 @@ impl Monitor<'_> {
         self.display_died();
     }
 
+    /// A VNC client connected while dev-fb is failed: it is told so (rather than left
+    /// waiting for a greeting that never comes) and closed.
+    fn refuse_vnc_clients(&mut self) {
+        if let Some(g) = &self.graphics {
+            let n = crate::graphics::refuse_clients(
+                &g.console.listener,
+                crate::graphics::DISPLAY_FAILED_REASON,
+            );
+            tracing::info!(clients = n, "VNC clients refused: dev-fb failed");
+        }
+    }
+
     /// The runner's indices of dev-fb's input devices: after the disks and NICs.
     fn input_indices(&self) -> std::ops::Range<u16> {
         let first = u16::try_from(self.runner.devices.len()).unwrap_or(u16::MAX);
@@ -1065,6 +1086,8 @@ impl Monitor<'_> {
         );
         tracing::error!("dev-fb failed");
         self.log.line(&line);
+        self.log
+            .line("VNC clients are refused with a reason until the guest reboots");
         for index in self.input_indices() {
             self.send_to_runner(&ToRunner::DeviceFailed { index }, None);
         }

@@ -1328,7 +1328,7 @@ fn a_dev_fb_that_keeps_dying_is_failed_after_the_limit_with_its_input_devices() 
     };
     let env = Env::new("");
     std::os::unix::fs::symlink(dev_fb, env.libexec.join("dev-fb")).unwrap();
-    env.guest("g", "graphics=\"yes\"\ngraphics_res=\"640x480\"");
+    let dir = env.guest("g", "graphics=\"yes\"\ngraphics_res=\"640x480\"");
     env.ok(&["start", "g"]);
     let mut console = Session::start(env.command(&["console", "g"]));
     console.wait_for("fake: ready");
@@ -1368,6 +1368,23 @@ fn a_dev_fb_that_keeps_dying_is_failed_after_the_limit_with_its_input_devices() 
         .collect();
     assert_eq!(failed.len(), 1, "{procs:?}");
     assert_eq!((failed[0].1, failed[0].2), (0, 5), "no pid, five restarts");
+    // A VNC client is not left waiting for a greeting: it is told why and closed.
+    let vnc = fs::read_to_string(dir.join("console")).unwrap();
+    let addr = vnc.trim().strip_prefix("vnc=").unwrap().to_owned();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut refusal = Vec::new();
+    s.read_to_end(&mut refusal)
+        .expect("a refusal, then the close");
+    assert_eq!(&refusal[..16], b"RFB 003.003\n\0\0\0\0", "{refusal:?}");
+    let reason = String::from_utf8_lossy(&refusal[20..]);
+    assert!(reason.contains("dev-fb) failed"), "{reason}");
+    assert!(
+        env.log("g")
+            .contains("VNC clients are refused with a reason"),
+        "{}",
+        env.log("g")
+    );
     console.type_text("still here\n");
     console.wait_for("echo: still here");
     env.ok(&["poweroff", "-f", "g"]);

@@ -32,6 +32,7 @@ pub mod kit;
 pub mod launcher;
 pub mod marker;
 pub mod netns;
+pub mod pictures;
 pub mod procfs;
 pub mod real_vnc;
 pub mod rfb_client;

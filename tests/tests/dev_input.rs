@@ -5,7 +5,10 @@
 //! (`tests::virtio_driver`: 8-byte event buffers on the event queue, LED events on the status
 //! queue), and an RFB client (`tests::rfb_client`) sending keys and pointer events. Asserts
 //! the exact `virtio_input_event`s in the guest's buffers; a flood with no buffers stays
-//! bounded; a broken ring asks for a reset while VNC keeps working.
+//! bounded; a broken ring asks for a reset while VNC keeps working; what a client holds down
+//! is released when it goes, and what anyone held when dev-fb died when a new dev-fb resumes
+//! the rings; no `EV_REP`, a client's repeated key-down is an autorepeat; a runner slow to
+//! handshake delays VNC by seconds only.
 //!
 //! Needs root (the sandbox unshares namespaces and switches uid); skips with a reason
 //! otherwise. Build the binary first: `cargo build -p dev-fb`.
@@ -73,6 +76,19 @@ struct Driver {
 impl Driver {
     /// Handshakes as the runner, reads the device's `InfoWithTable`, lays out the queues.
     fn connect(runner: Channel, ram: &GuestRam, base: u64) -> Driver {
+        let table = Self::introduce(&runner);
+        Driver {
+            runner,
+            table,
+            eventq: SplitQueue::new(ram, base + EVENTQ_AT, QUEUE).expect("eventq"),
+            statusq: SplitQueue::new(ram, base + STATUSQ_AT, QUEUE).expect("statusq"),
+            base,
+            posted: 0,
+        }
+    }
+
+    /// Handshakes as the runner and reads the device's `InfoWithTable`.
+    fn introduce(runner: &Channel) -> ConfigTable {
         runner
             .handshake_timeout(ChannelKind::RunnerDevice, WAIT)
             .expect("handshake");
@@ -83,14 +99,14 @@ impl Driver {
         };
         assert_eq!(info.device_type, VIRTIO_ID_INPUT);
         assert_eq!(info.queues, 2);
-        Driver {
-            runner,
-            table,
-            eventq: SplitQueue::new(ram, base + EVENTQ_AT, QUEUE).expect("eventq"),
-            statusq: SplitQueue::new(ram, base + STATUSQ_AT, QUEUE).expect("statusq"),
-            base,
-            posted: 0,
-        }
+        table
+    }
+
+    /// A restarted device process on `runner`: the same queues, as the runner keeps them.
+    fn reconnect(&mut self, runner: Channel) {
+        let table = Self::introduce(&runner);
+        assert_eq!(table, self.table, "the restarted device is the same device");
+        self.runner = runner;
     }
 
     fn name(&self) -> String {
@@ -182,84 +198,124 @@ struct Rig {
     keyboard: Driver,
     tablet: Driver,
     log: tempfile::NamedTempFile,
-    _fb: fs::File,
+    /// Kept open for dev-fb's life (the test never paints it).
+    fb: fs::File,
+}
+
+/// A started dev-fb process and the runner's ends of its device channels.
+struct Launched {
+    running: spawn::Running,
+    addr: SocketAddr,
+    log: tempfile::NamedTempFile,
+    fb: fs::File,
+    keyboard: Channel,
+    tablet: Channel,
+}
+
+/// Starts dev-fb over `ram` as the supervisor would for a guest with a keyboard and tablet.
+fn launch(ram: &GuestRam) -> Launched {
+    let fb_bytes = u64::from(WIDTH) * u64::from(HEIGHT) * 4;
+    let fb = tempfile::tempfile().expect("framebuffer file");
+    fb.set_len(fb_bytes).expect("size framebuffer");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let addr = listener.local_addr().expect("listener address");
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let log_fd = log.reopen().expect("log fd");
+    let (kbd_runner, kbd_dev) = Channel::pair().expect("keyboard channel");
+    let (tab_runner, tab_dev) = Channel::pair().expect("tablet channel");
+    let (uid, gid) = sandbox::nobody();
+    let boot = Bootstrap {
+        role: Role::DevFb,
+        vm_name: "input-test".into(),
+        sandbox: SandboxSettings {
+            uid,
+            gid,
+            max_fds: 64,
+        },
+        fds: vec![
+            FdRole::Log,
+            FdRole::Framebuffer,
+            FdRole::VncListener,
+            FdRole::GuestMemory,
+            FdRole::DeviceChannel,
+            FdRole::DeviceChannel,
+        ],
+        log_filter: "debug,dev_fb::input=trace".into(),
+    };
+    let running = spawn::spawn(
+        &tests::harness::build_dir().join("dev-fb"),
+        &boot,
+        &[
+            log_fd.as_fd(),
+            fb.as_fd(),
+            listener.as_fd(),
+            ram.fd(),
+            kbd_dev.as_fd(),
+            tab_dev.as_fd(),
+        ],
+    )
+    .expect("spawn dev-fb (run `cargo build -p dev-fb` first)");
+    drop((listener, kbd_dev, tab_dev));
+    let setup = DisplaySetup {
+        width: WIDTH,
+        height: HEIGHT,
+        max_width: WIDTH,
+        max_height: HEIGHT,
+        framebuffer_bytes: fb_bytes,
+        password: None,
+        share: SharePolicy::ForceShared,
+    };
+    running.channel.send(&setup, &[]).expect("send setup");
+    let input = DeviceSetup::Input(InputSetup {
+        memory: vec![MemoryRegion {
+            guest_addr: 0,
+            size: RAM,
+            file_offset: 0,
+        }],
+        devices: vec![InputKind::Keyboard, InputKind::Tablet],
+    });
+    running.channel.send(&input, &[]).expect("send input setup");
+    Launched {
+        running,
+        addr,
+        log,
+        fb,
+        keyboard: kbd_runner,
+        tablet: tab_runner,
+    }
 }
 
 impl Rig {
     fn start() -> Rig {
-        let fb_bytes = u64::from(WIDTH) * u64::from(HEIGHT) * 4;
-        let fb = tempfile::tempfile().expect("framebuffer file");
-        fb.set_len(fb_bytes).expect("size framebuffer");
         let ram = GuestRam::new(RAM).expect("guest RAM");
-        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
-        let addr = listener.local_addr().expect("listener address");
-        let log = tempfile::NamedTempFile::new().expect("log file");
-        let log_fd = log.reopen().expect("log fd");
-        let (kbd_runner, kbd_dev) = Channel::pair().expect("keyboard channel");
-        let (tab_runner, tab_dev) = Channel::pair().expect("tablet channel");
-        let (uid, gid) = sandbox::nobody();
-        let boot = Bootstrap {
-            role: Role::DevFb,
-            vm_name: "input-test".into(),
-            sandbox: SandboxSettings {
-                uid,
-                gid,
-                max_fds: 64,
-            },
-            fds: vec![
-                FdRole::Log,
-                FdRole::Framebuffer,
-                FdRole::VncListener,
-                FdRole::GuestMemory,
-                FdRole::DeviceChannel,
-                FdRole::DeviceChannel,
-            ],
-            log_filter: "debug,dev_fb::input=trace".into(),
-        };
-        let running = spawn::spawn(
-            &tests::harness::build_dir().join("dev-fb"),
-            &boot,
-            &[
-                log_fd.as_fd(),
-                fb.as_fd(),
-                listener.as_fd(),
-                ram.fd(),
-                kbd_dev.as_fd(),
-                tab_dev.as_fd(),
-            ],
-        )
-        .expect("spawn dev-fb (run `cargo build -p dev-fb` first)");
-        drop((listener, kbd_dev, tab_dev));
-        let setup = DisplaySetup {
-            width: WIDTH,
-            height: HEIGHT,
-            max_width: WIDTH,
-            max_height: HEIGHT,
-            framebuffer_bytes: fb_bytes,
-            password: None,
-            share: SharePolicy::ForceShared,
-        };
-        running.channel.send(&setup, &[]).expect("send setup");
-        let input = DeviceSetup::Input(InputSetup {
-            memory: vec![MemoryRegion {
-                guest_addr: 0,
-                size: RAM,
-                file_offset: 0,
-            }],
-            devices: vec![InputKind::Keyboard, InputKind::Tablet],
-        });
-        running.channel.send(&input, &[]).expect("send input setup");
-        let keyboard = Driver::connect(kbd_runner, &ram, KEYBOARD_BASE);
-        let tablet = Driver::connect(tab_runner, &ram, TABLET_BASE);
+        let l = launch(&ram);
+        let keyboard = Driver::connect(l.keyboard, &ram, KEYBOARD_BASE);
+        let tablet = Driver::connect(l.tablet, &ram, TABLET_BASE);
         Rig {
-            running: Some(running),
-            addr,
+            running: Some(l.running),
+            addr: l.addr,
             ram,
             keyboard,
             tablet,
-            log,
-            _fb: fb,
+            log: l.log,
+            fb: l.fb,
         }
+    }
+
+    /// Kills dev-fb and starts another over the same guest RAM, as the supervisor restarts a
+    /// crashed device; the drivers keep their queues.
+    fn restart(&mut self) {
+        if let Some(mut r) = self.running.take() {
+            let _ = r.process.kill();
+            let _ = r.process.wait();
+        }
+        let l = launch(&self.ram);
+        self.keyboard.reconnect(l.keyboard);
+        self.tablet.reconnect(l.tablet);
+        self.running = Some(l.running);
+        self.addr = l.addr;
+        self.log = l.log;
+        self.fb = l.fb;
     }
 
     fn connect(&self) -> RfbClient {
@@ -552,4 +608,202 @@ fn a_broken_event_ring_asks_for_a_reset_and_vnc_and_the_other_device_go_on() {
     rig.keyboard.post(&rig.ram, 2);
     c.key(u32::from(b'x'), false).unwrap();
     assert_eq!(rig.keyboard.events(&rig.ram, 2), vec![(EV_KEY, 45, 0), SYN]);
+}
+
+#[test]
+fn keys_and_buttons_a_client_holds_are_released_when_it_disconnects() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut rig = Rig::start();
+    rig.keyboard.activate();
+    rig.tablet.activate();
+    rig.keyboard.post(&rig.ram, 16);
+    rig.tablet.post(&rig.ram, 16);
+    let mut first = rig.connect();
+    let mut second = rig.connect();
+    first.key(u32::from(b'a'), true).unwrap();
+    first.key(u32::from(b'b'), true).unwrap();
+    first.pointer(1, 0, 0).unwrap();
+    assert_eq!(
+        rig.keyboard.events(&rig.ram, 4),
+        vec![(EV_KEY, 30, 1), SYN, (EV_KEY, 48, 1), SYN]
+    );
+    assert_eq!(
+        rig.tablet.events(&rig.ram, 4),
+        vec![(EV_ABS, 0, 0), (EV_ABS, 1, 0), (EV_KEY, BTN_LEFT, 1), SYN]
+    );
+    // The second client holds `b` too (to the guest, a repeat of the held key).
+    second.key(u32::from(b'b'), true).unwrap();
+    assert_eq!(rig.keyboard.events(&rig.ram, 2), vec![(EV_KEY, 48, 2), SYN]);
+    drop(first);
+    assert_eq!(
+        rig.keyboard.events(&rig.ram, 2),
+        vec![(EV_KEY, 30, 0), SYN],
+        "`a` is released; `b` stays down for the second client"
+    );
+    assert_eq!(
+        rig.tablet.events(&rig.ram, 2),
+        vec![(EV_KEY, BTN_LEFT, 0), SYN]
+    );
+    rig.keyboard
+        .assert_quiet(&rig.ram, Duration::from_millis(300));
+    drop(second);
+    assert_eq!(rig.keyboard.events(&rig.ram, 2), vec![(EV_KEY, 48, 0), SYN]);
+    rig.tablet
+        .assert_quiet(&rig.ram, Duration::from_millis(300));
+}
+
+#[test]
+fn the_keyboard_offers_no_ev_rep_and_a_clients_repeated_key_down_is_an_autorepeat() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut rig = Rig::start();
+    assert_eq!(
+        rig.keyboard.table.lookup(input_select::EV_BITS, 0x14),
+        None,
+        "EV_REP is not offered: the guest does not repeat keys itself"
+    );
+    rig.keyboard.activate();
+    rig.keyboard.post(&rig.ram, 8);
+    let mut c = rig.connect();
+    for down in [true, true, true, false] {
+        c.key(u32::from(b'a'), down).unwrap();
+    }
+    assert_eq!(
+        rig.keyboard.events(&rig.ram, 8),
+        vec![
+            (EV_KEY, 30, 1),
+            SYN,
+            (EV_KEY, 30, 2),
+            SYN,
+            (EV_KEY, 30, 2),
+            SYN,
+            (EV_KEY, 30, 0),
+            SYN
+        ]
+    );
+}
+
+#[test]
+fn a_restarted_dev_fb_releases_every_key_and_button_on_the_drivers_rings() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut rig = Rig::start();
+    rig.keyboard.activate();
+    rig.tablet.activate();
+    rig.keyboard.post(&rig.ram, 16);
+    rig.tablet.post(&rig.ram, 8);
+    let mut c = rig.connect();
+    c.key(u32::from(b'a'), true).unwrap();
+    c.pointer(4, 5, 5).unwrap();
+    assert_eq!(rig.keyboard.events(&rig.ram, 2), vec![(EV_KEY, 30, 1), SYN]);
+    assert_eq!(rig.tablet.events(&rig.ram, 4).len(), 4);
+    // dev-fb dies (SIGKILL, the client still connected) with `a` and the right button down;
+    // the supervisor starts another, which the runner gives the same queues.
+    rig.restart();
+    drop(c);
+    rig.keyboard.activate();
+    rig.tablet.activate();
+    assert!(rig.wait_log("releasing every key and button"));
+    assert_eq!(
+        rig.tablet.events(&rig.ram, 4),
+        vec![
+            (EV_KEY, BTN_LEFT, 0),
+            (EV_KEY, BTN_LEFT + 1, 0),
+            (EV_KEY, BTN_LEFT + 2, 0),
+            SYN
+        ]
+    );
+    // The keyboard's report is longer than the 14 buffers still posted: give more.
+    let mut got = Vec::new();
+    while got.last() != Some(&SYN) {
+        let used = rig
+            .keyboard
+            .eventq
+            .wait_some(&rig.ram, WAIT)
+            .expect("release events");
+        got.extend(rig.keyboard.decode(&rig.ram, &used));
+        if got.last() != Some(&SYN) {
+            rig.keyboard.post(&rig.ram, 16);
+        }
+    }
+    assert!(got.len() > 100, "every key: {} events", got.len());
+    assert!(got.contains(&(EV_KEY, 30, 0)), "`a` is released");
+    assert!(
+        got[..got.len() - 1]
+            .iter()
+            .all(|&(kind, _, value)| kind == EV_KEY && value == 0),
+        "releases only, in one report"
+    );
+    // And the new process serves VNC input as usual.
+    rig.keyboard.post(&rig.ram, 2);
+    let mut c = rig.connect();
+    c.key(u32::from(b'a'), true).unwrap();
+    assert_eq!(rig.keyboard.events(&rig.ram, 2), vec![(EV_KEY, 30, 1), SYN]);
+}
+
+#[test]
+fn a_runner_slow_to_say_hello_delays_vnc_by_seconds_only_and_its_device_starts_later() {
+    if skip_unless_root() {
+        return;
+    }
+    let ram = GuestRam::new(RAM).expect("guest RAM");
+    let started = Instant::now();
+    let l = launch(&ram);
+    // The keyboard's runner end stays open and silent for now; the tablet's answers.
+    let mut tablet = Driver::connect(l.tablet, &ram, TABLET_BASE);
+    let mut rig = Rig {
+        running: Some(l.running),
+        addr: l.addr,
+        keyboard: Driver {
+            runner: l.keyboard,
+            table: ConfigTable::default(),
+            eventq: SplitQueue::new(&ram, KEYBOARD_BASE + EVENTQ_AT, QUEUE).unwrap(),
+            statusq: SplitQueue::new(&ram, KEYBOARD_BASE + STATUSQ_AT, QUEUE).unwrap(),
+            base: KEYBOARD_BASE,
+            posted: 0,
+        },
+        tablet: {
+            tablet.activate();
+            tablet.post(&ram, 4);
+            tablet
+        },
+        ram,
+        log: l.log,
+        fb: l.fb,
+    };
+    assert!(
+        rig.wait_log("serving VNC without this device"),
+        "log:\n{}",
+        rig.log_text()
+    );
+    assert!(rig.log_text().contains("capvm keyboard"));
+    let mut c = rig.connect();
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "VNC served {:?} after the start",
+        started.elapsed()
+    );
+    c.pointer(0, 0, 0).unwrap();
+    assert_eq!(
+        rig.tablet.events(&rig.ram, 3),
+        vec![(EV_ABS, 0, 0), (EV_ABS, 1, 0), SYN]
+    );
+    c.key(u32::from(b'a'), true).unwrap();
+    assert!(rig.wait_log("Key { code: 30, down: true }"));
+    assert!(
+        rig.alive(),
+        "a key for the keyboard not yet there is dropped"
+    );
+    // The runner gets to the keyboard late: it is introduced then and works.
+    rig.keyboard.table = Driver::introduce(&rig.keyboard.runner);
+    assert_eq!(rig.keyboard.name(), "capvm keyboard");
+    rig.keyboard.activate();
+    rig.keyboard.post(&rig.ram, 2);
+    c.key(u32::from(b'b'), true).unwrap();
+    let got = rig.keyboard.events(&rig.ram, 2);
+    assert_eq!(got, vec![(EV_KEY, 48, 1), SYN], "log:\n{}", rig.log_text());
 }

@@ -1,9 +1,14 @@
 //! What the guest's driver learns about each input device (virtio 1.2 §5.8.4): its `Info`
 //! and the selector table the runner answers configuration reads from.
 //!
-//! The keyboard reports every key [`crate::keymap`] can produce (by keysym or by scancode),
-//! key repeat (`EV_REP`: the guest's input core repeats held keys, as on a PC keyboard) and
-//! the Num/Caps/Scroll Lock LEDs, whose state the guest sends on the status queue. The tablet
+//! The keyboard reports every key [`crate::keymap`] can produce (by keysym or by scancode)
+//! and the Num/Caps/Scroll Lock LEDs, whose state the guest sends on the status queue. It does
+//! not offer key repeat (`EV_REP`). QEMU's virtio keyboard and a USB HID keyboard do, and the
+//! guest then repeats a held key itself after 250 ms; but a VNC client's key-up can come later
+//! than that on a loaded link (vncdo typing "ab" got "aab"), and VNC clients repeat held keys
+//! themselves by sending the key-down again. So the client's repeats drive it: a key-down for
+//! a key already down goes to the guest as an autorepeat (value 2, see [`super::events`]). The
+//! tablet
 //! is an absolute pointer over the whole screen, `0..=ABS_MAX` on both axes, with the three
 //! buttons and both wheels a VNC client can send. Like QEMU's virtio tablet it sets no
 //! property bits: `INPUT_PROP_DIRECT` would make it a touchscreen, and without `BTN_TOUCH`
@@ -90,8 +95,7 @@ pub fn table(kind: InputKind) -> ConfigTable {
     match kind {
         InputKind::Keyboard => {
             entries.push(ev_bits(EV_KEY, bitmap(keyboard_keys())));
-            // A size of one is what marks `EV_REP` as supported; its payload is unused.
-            entries.push(ev_bits(EV_REP, vec![0]));
+            // No `EV_REP`: the client repeats keys (module docs).
             entries.push(ev_bits(EV_LED, vec![KEYBOARD_LEDS]));
         }
         InputKind::Tablet => {
@@ -138,6 +142,15 @@ fn abs_info(min: u32, max: u32) -> Vec<u8> {
     v
 }
 
+/// The keys or buttons of `kind`, each once, ascending: what a release of everything covers.
+pub fn releasable(kind: InputKind) -> impl Iterator<Item = u16> {
+    let codes: std::collections::BTreeSet<u16> = match kind {
+        InputKind::Keyboard => keyboard_keys().collect(),
+        InputKind::Tablet => [BTN_LEFT, BTN_RIGHT, BTN_MIDDLE].into_iter().collect(),
+    };
+    codes.into_iter()
+}
+
 /// Every evdev code the keymap yields, from keysyms (Latin-1 and the 0xfexx/0xffxx function
 /// keys) and from XT scancodes.
 fn keyboard_keys() -> impl Iterator<Item = u16> {
@@ -181,7 +194,7 @@ mod tests {
     }
 
     #[test]
-    fn the_keyboard_reports_the_keys_of_the_keymap_repeat_and_leds() {
+    fn the_keyboard_reports_the_keys_of_the_keymap_and_leds_and_no_repeat() {
         let t = table(InputKind::Keyboard);
         let keys = t.lookup(input_select::EV_BITS, 1).unwrap();
         for code in [KEY_A, KEY_ENTER, KEY_LEFTSHIFT, KEY_UP, 124] {
@@ -189,7 +202,7 @@ mod tests {
         }
         assert!(!has(keys, 0), "KEY_RESERVED");
         assert!(!has(keys, BTN_LEFT));
-        assert_eq!(t.lookup(input_select::EV_BITS, 0x14), Some(&[0u8][..]));
+        assert_eq!(t.lookup(input_select::EV_BITS, 0x14), None, "no EV_REP");
         assert_eq!(t.lookup(input_select::EV_BITS, 0x11), Some(&[7u8][..]));
         assert_eq!(t.lookup(input_select::EV_BITS, 3), None, "no axes");
         assert_eq!(
@@ -212,6 +225,10 @@ mod tests {
             assert!(has(keys, code));
         }
         assert!(!has(keys, KEY_A));
+        assert_eq!(
+            releasable(InputKind::Tablet).collect::<Vec<_>>(),
+            [BTN_LEFT, BTN_RIGHT, BTN_MIDDLE]
+        );
         assert_eq!(t.lookup(input_select::EV_BITS, 2), Some(&[0x40, 0x01][..]));
         assert_eq!(t.lookup(input_select::EV_BITS, 3), Some(&[0x03][..]));
         let x = t.lookup(input_select::ABS_INFO, 0).unwrap();

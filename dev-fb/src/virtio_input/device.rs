@@ -12,19 +12,22 @@
 //! dropped too: they belong to no driver. A broken ring asks the runner for a reset
 //! (`NeedsReset`, §2.1.2) and the device stops using its queues until the next `Activate`, as
 //! dev-net does. If the runner goes away (the guest ended) the device stops; dev-fb serves on.
+//! Activated on rings a driver has already used (this process replaces one that died), the
+//! device first releases every key or button it has, since the guest may still hold some down.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
 
-use proto::channel::{Channel, ChannelError, ChannelKind};
-use proto::device::{ConfigTable, DeviceInfo, FromDevice, InputKind, QueueConfig, ToDevice};
+use proto::channel::{Channel, ChannelError, ChannelKind, Hello, Received};
+use proto::device::{DeviceInfo, FromDevice, InputKind, QueueConfig, ToDevice};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::config::{self, EVENT_QUEUE, FEATURES, MAX_QUEUE_SIZE, STATUS_QUEUE};
-use super::events::{EVENT_BYTES, Event, PointerState, report};
+use super::events::{EVENT_BYTES, Event, ReportState, release_all, report};
 use crate::input::InputEvent;
 
 /// Most events the backlog holds (128 key presses with their syncs, four times over).
@@ -57,7 +60,8 @@ pub struct InputStats {
     pub delivered: u64,
     /// Events dropped from a full backlog.
     pub dropped: u64,
-    /// Events that came while no driver had the device.
+    /// VNC events that came while no driver had the device, and undelivered events a reset
+    /// dropped.
     pub inactive: u64,
     /// Event-queue buffers the device could not use (too short, read-only, outside RAM).
     pub bad_buffers: u64,
@@ -91,50 +95,75 @@ pub struct VirtioInput {
     info: DeviceInfo,
     /// `None` once the runner has gone away.
     runner: Option<Channel>,
+    /// Our hello is sent and the runner's not read yet: the device has not introduced itself.
+    greeting: bool,
     mem: GuestMemoryMmap,
     active: Option<Active>,
     backlog: VecDeque<Event>,
-    pointer: PointerState,
+    /// What the current driver was told (keys down, pointer).
+    state: ReportState,
     stats: InputStats,
 }
 
 impl VirtioInput {
-    /// Handshakes with the runner on `runner` and introduces the device with its table.
+    /// Says hello to the runner on `runner` and waits at most `timeout` for its hello, then
+    /// introduces the device with its table. A runner that has not answered by then gets the
+    /// introduction when it does ([`Token::Runner`] in the server's loop): the channel stays
+    /// open, since the runner refuses to build the machine around a device that hung up.
     pub fn start(
         kind: InputKind,
         runner: Channel,
         mem: GuestMemoryMmap,
+        timeout: Duration,
     ) -> Result<VirtioInput, InputError> {
-        Self::start_with_table(kind, runner, mem, config::table(kind))
-    }
-
-    fn start_with_table(
-        kind: InputKind,
-        runner: Channel,
-        mem: GuestMemoryMmap,
-        table: ConfigTable,
-    ) -> Result<VirtioInput, InputError> {
-        let info = config::info(kind);
-        runner.handshake(ChannelKind::RunnerDevice)?;
-        runner.send(
-            &FromDevice::InfoWithTable {
-                info: info.clone(),
-                table,
-            },
-            &[],
-        )?;
-        runner.set_nonblocking(true)?;
-        tracing::info!(device = config::name(kind), "virtio-input device ready");
-        Ok(VirtioInput {
+        runner.send(&Hello::new(ChannelKind::RunnerDevice), &[])?;
+        let hello = runner.recv_timeout::<Hello>(timeout);
+        let mut dev = VirtioInput {
             kind,
-            info,
+            info: config::info(kind),
             runner: Some(runner),
             mem,
+            greeting: true,
             active: None,
             backlog: VecDeque::new(),
-            pointer: PointerState::default(),
+            state: ReportState::default(),
             stats: InputStats::default(),
-        })
+        };
+        match hello {
+            Ok(received) => dev.greeted(received)?,
+            Err(ChannelError::Timeout) => tracing::error!(
+                device = config::name(kind),
+                waited_ms = timeout.as_millis(),
+                "the runner has not answered the device handshake; serving VNC without this \
+                 device until it does"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(r) = &dev.runner {
+            r.set_nonblocking(true)?;
+        }
+        Ok(dev)
+    }
+
+    /// The runner's hello came: checked, it is answered with the device's `Info` and table.
+    fn greeted(&mut self, received: Received<Hello>) -> Result<(), ChannelError> {
+        let (hello, _) = received.expect_fds(0)?;
+        hello.check(ChannelKind::RunnerDevice)?;
+        self.greeting = false;
+        if let Some(runner) = &self.runner {
+            runner.send(
+                &FromDevice::InfoWithTable {
+                    info: self.info.clone(),
+                    table: config::table(self.kind),
+                },
+                &[],
+            )?;
+        }
+        tracing::info!(
+            device = config::name(self.kind),
+            "virtio-input device ready"
+        );
+        Ok(())
     }
 
     pub fn kind(&self) -> InputKind {
@@ -184,12 +213,18 @@ impl VirtioInput {
 
     /// A VNC event for this device: its report goes to the guest now, or waits for buffers.
     pub fn deliver(&mut self, event: InputEvent) {
-        let events = report(event, &mut self.pointer);
-        if events.is_empty() {
+        // Checked first: what no driver saw must not count as down or as the position.
+        if self.active.is_none() {
+            self.stats.inactive = self.stats.inactive.saturating_add(1);
             return;
         }
-        if self.active.is_none() {
-            self.stats.inactive = self.stats.inactive.saturating_add(events.len() as u64);
+        let events = report(event, &mut self.state);
+        self.queue(events);
+    }
+
+    /// Adds one whole report to the backlog and delivers what the driver has buffers for.
+    fn queue(&mut self, events: Vec<Event>) {
+        if events.is_empty() {
             return;
         }
         while self.backlog.len().saturating_add(events.len()) > BACKLOG_EVENTS
@@ -212,6 +247,23 @@ impl VirtioInput {
     }
 
     fn runner_message(&mut self) {
+        if self.greeting {
+            let Some(runner) = &self.runner else { return };
+            let result = match runner.recv::<Hello>() {
+                Ok(received) => self.greeted(received),
+                Err(ChannelError::WouldBlock | ChannelError::Timeout) => return,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                tracing::error!(
+                    device = config::name(self.kind),
+                    error = %e,
+                    "the runner's late device handshake failed; this device is off"
+                );
+                self.runner = None;
+                return;
+            }
+        }
         loop {
             let Some(runner) = &self.runner else { return };
             let received = match runner.recv::<ToDevice>() {
@@ -332,6 +384,10 @@ impl VirtioInput {
         else {
             return Err("the event or status queue is missing".into());
         };
+        // A used index past 0 means a driver has taken events from this ring before: this
+        // process is a restart under a running guest (the runner repeats the `Activate`), and
+        // keys or buttons a client held when the old process ended may still be down there.
+        let resumed = eventq.next_used() != 0;
         self.active = Some(Active {
             eventq,
             statusq,
@@ -340,6 +396,13 @@ impl VirtioInput {
             status_kick,
             status_call,
         });
+        if resumed {
+            tracing::info!(
+                device = config::name(self.kind),
+                "resuming a running driver; releasing every key and button"
+            );
+            self.queue(release_all(config::releasable(self.kind)));
+        }
         Ok(())
     }
 
@@ -349,7 +412,7 @@ impl VirtioInput {
         let lost = self.backlog.len() as u64;
         self.stats.inactive = self.stats.inactive.saturating_add(lost);
         self.backlog.clear();
-        self.pointer = PointerState::default();
+        self.state = ReportState::default();
     }
 
     /// Runs `work`; a broken ring asks the runner for a reset and stops the queues.
@@ -461,7 +524,8 @@ mod tests {
             peer
         });
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
-        let dev = VirtioInput::start(InputKind::Keyboard, ours, mem).unwrap();
+        let dev =
+            VirtioInput::start(InputKind::Keyboard, ours, mem, Duration::from_secs(5)).unwrap();
         (dev, t.join().unwrap())
     }
 
@@ -492,11 +556,79 @@ mod tests {
     }
 
     #[test]
+    fn a_runner_that_answers_late_is_introduced_to_the_device_when_it_does() {
+        let (ours, peer) = Channel::pair().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let started = std::time::Instant::now();
+        let mut dev =
+            VirtioInput::start(InputKind::Keyboard, ours, mem, Duration::from_millis(200)).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the wait is bounded"
+        );
+        assert!(dev.greeting);
+        dev.ready(Token::Runner);
+        assert!(dev.greeting, "nothing from the runner yet");
+        // The runner gets to the device: its hello, then the device's Info.
+        peer.handshake(ChannelKind::RunnerDevice).unwrap();
+        dev.ready(Token::Runner);
+        assert!(!dev.greeting);
+        let info = peer.recv::<FromDevice>().unwrap().msg;
+        assert!(matches!(info, FromDevice::InfoWithTable { .. }), "{info:?}");
+    }
+
+    #[test]
     fn events_before_activation_are_counted_and_dropped() {
         let (mut dev, _peer) = keyboard();
         dev.deliver(key(true));
         assert_eq!(dev.backlog(), 0);
-        assert_eq!(dev.stats().inactive, 2, "the key and its sync");
+        assert_eq!(dev.stats().inactive, 1);
+        activate(&mut dev);
+        dev.deliver(key(true));
+        assert_eq!(
+            dev.backlog.front().map(|e| e.value),
+            Some(1),
+            "a press no driver saw does not make the next one a repeat"
+        );
+    }
+
+    #[test]
+    fn a_held_key_pressed_again_is_an_autorepeat_for_the_guest() {
+        let (mut dev, _peer) = keyboard();
+        activate(&mut dev);
+        dev.deliver(key(true));
+        dev.deliver(key(true));
+        dev.deliver(key(false));
+        let values: Vec<u32> = dev
+            .backlog
+            .iter()
+            .filter(|e| **e != Event::SYN)
+            .map(|e| e.value)
+            .collect();
+        assert_eq!(values, [1, 2, 0]);
+    }
+
+    #[test]
+    fn activating_on_a_ring_a_driver_already_used_releases_every_key_once() {
+        let (mut dev, _peer) = keyboard();
+        // The used ring's index (at used + 2) says the driver has taken 7 events (and gave as
+        // many buffers, avail + 2), with no buffer now outstanding: a restarted
+        // dev-fb under a running guest.
+        dev.mem.write_obj(7u16, GuestAddress(0x1800 + 2)).unwrap();
+        dev.mem.write_obj(7u16, GuestAddress(0x1400 + 2)).unwrap();
+        activate(&mut dev);
+        let keys = config::releasable(InputKind::Keyboard).count();
+        assert!(keys > 100, "{keys} keys");
+        assert_eq!(dev.backlog(), keys + 1);
+        assert!(dev.backlog.iter().take(keys).all(|e| e.value == 0));
+        assert_eq!(dev.backlog.back(), Some(&Event::SYN));
+    }
+
+    #[test]
+    fn activating_a_fresh_ring_sends_nothing() {
+        let (mut dev, _peer) = keyboard();
+        activate(&mut dev);
+        assert_eq!(dev.backlog(), 0);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! VNC input as the guest's evdev sees it: each [`InputEvent`] becomes a report, a few
 //! `virtio_input_event`s closed by `SYN_REPORT` (§5.8.6.1, the evdev protocol).
 //!
-//! A key is one `EV_KEY` with value 1 (down) or 0 (up). A pointer event reports only what
+//! A key is one `EV_KEY` with value 1 (down) or 0 (up), or 2 (autorepeat) for a key that is
+//! already down: the keyboard offers no `EV_REP`, so the guest does not repeat keys itself and
+//! a VNC client's repeated key-downs (its own autorepeat) are the repeats. A pointer event reports only what
 //! changed since the last one: the position (`ABS_X`, `ABS_Y`, already scaled to
 //! `0..=ABS_MAX`), buttons that went down or up, and a wheel step for each wheel "button"
 //! the client pressed (RFB sends wheel turns as presses of buttons 4–7). An event that changes
@@ -68,25 +70,64 @@ const WHEELS: [(u8, u16, i32); 4] = [
     (1 << 6, REL_HWHEEL, 1),
 ];
 
-/// What the guest was last told about the pointer, so a report carries only changes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PointerState {
+/// Key codes a [`ReportState`] tracks (`KEY_CNT`); higher codes pass through untracked.
+const KEY_CODES: u16 = 0x300;
+
+/// What the guest was last told: the pointer, so a report carries only changes, and which
+/// keys are down, so a second press is an autorepeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportState {
     position: Option<(u16, u16)>,
     buttons: u8,
+    keys: [u64; KEY_CODES as usize / 64],
 }
 
-/// The report for `event`, or nothing if it changes nothing; `pointer` is updated.
-pub fn report(event: InputEvent, pointer: &mut PointerState) -> Vec<Event> {
+impl Default for ReportState {
+    fn default() -> ReportState {
+        ReportState {
+            position: None,
+            buttons: 0,
+            keys: [0; KEY_CODES as usize / 64],
+        }
+    }
+}
+
+impl ReportState {
+    /// Marks `code` down or up; returns whether it was down before.
+    fn set_key(&mut self, code: u16, down: bool) -> bool {
+        let Some(word) = self.keys.get_mut(usize::from(code / 64)) else {
+            return false;
+        };
+        let bit = 1u64 << (code % 64);
+        let was = *word & bit != 0;
+        if down {
+            *word |= bit;
+        } else {
+            *word &= !bit;
+        }
+        was
+    }
+}
+
+/// The report for `event`, or nothing if it changes nothing; `state` is updated.
+pub fn report(event: InputEvent, state: &mut ReportState) -> Vec<Event> {
     let mut out = Vec::new();
     match event {
-        InputEvent::Key { code, down } => out.push(Event {
-            kind: EV_KEY,
-            code,
-            value: u32::from(down),
-        }),
+        InputEvent::Key { code, down } => {
+            let was_down = state.set_key(code, down);
+            out.push(Event {
+                kind: EV_KEY,
+                code,
+                value: match (down, was_down) {
+                    (true, true) => 2,
+                    (true, false) => 1,
+                    (false, _) => 0,
+                },
+            });
+        }
         InputEvent::Pointer { x, y, buttons } => {
-            if pointer.position != Some((x, y)) {
-                let (old_x, old_y) = pointer
+            if state.position != Some((x, y)) {
+                let (old_x, old_y) = state
                     .position
                     .map_or((None, None), |(a, b)| (Some(a), Some(b)));
                 if old_x != Some(x) {
@@ -95,9 +136,9 @@ pub fn report(event: InputEvent, pointer: &mut PointerState) -> Vec<Event> {
                 if old_y != Some(y) {
                     out.push(abs(ABS_Y, y));
                 }
-                pointer.position = Some((x, y));
+                state.position = Some((x, y));
             }
-            let changed = buttons ^ pointer.buttons;
+            let changed = buttons ^ state.buttons;
             for (bit, code) in BUTTONS {
                 if changed & bit != 0 {
                     out.push(Event {
@@ -118,12 +159,27 @@ pub fn report(event: InputEvent, pointer: &mut PointerState) -> Vec<Event> {
                     });
                 }
             }
-            pointer.buttons = buttons;
+            state.buttons = buttons;
         }
     }
     if !out.is_empty() {
         out.push(Event::SYN);
     }
+    out
+}
+
+/// One report releasing every one of `codes` (keys or buttons), for a guest whose idea of
+/// what is down this device cannot know: after dev-fb restarted under a running driver. The
+/// guest's input core ignores releases of keys it has up.
+pub fn release_all(codes: impl Iterator<Item = u16>) -> Vec<Event> {
+    let mut out: Vec<Event> = codes
+        .map(|code| Event {
+            kind: EV_KEY,
+            code,
+            value: 0,
+        })
+        .collect();
+    out.push(Event::SYN);
     out
 }
 
@@ -145,7 +201,7 @@ mod tests {
 
     #[test]
     fn a_key_is_one_key_event_and_a_sync() {
-        let mut p = PointerState::default();
+        let mut p = ReportState::default();
         assert_eq!(
             report(
                 InputEvent::Key {
@@ -169,8 +225,54 @@ mod tests {
     }
 
     #[test]
+    fn a_second_press_of_a_held_key_is_an_autorepeat() {
+        let mut p = ReportState::default();
+        let key = |down| InputEvent::Key { code: 30, down };
+        assert_eq!(
+            report(key(true), &mut p),
+            vec![ev(EV_KEY, 30, 1), Event::SYN]
+        );
+        assert_eq!(
+            report(key(true), &mut p),
+            vec![ev(EV_KEY, 30, 2), Event::SYN]
+        );
+        assert_eq!(
+            report(key(false), &mut p),
+            vec![ev(EV_KEY, 30, 0), Event::SYN]
+        );
+        assert_eq!(
+            report(key(true), &mut p),
+            vec![ev(EV_KEY, 30, 1), Event::SYN]
+        );
+        let high = InputEvent::Key {
+            code: 0x2ff,
+            down: true,
+        };
+        report(high, &mut p);
+        assert_eq!(report(high, &mut p)[0].value, 2, "the last code is tracked");
+        let beyond = InputEvent::Key {
+            code: 0x300,
+            down: true,
+        };
+        report(beyond, &mut p);
+        assert_eq!(
+            report(beyond, &mut p)[0].value,
+            1,
+            "codes past KEY_CNT are not"
+        );
+    }
+
+    #[test]
+    fn release_all_is_one_report_of_releases() {
+        assert_eq!(
+            release_all([30, BTN_LEFT].into_iter()),
+            vec![ev(EV_KEY, 30, 0), ev(EV_KEY, BTN_LEFT, 0), Event::SYN]
+        );
+    }
+
+    #[test]
     fn the_first_pointer_event_reports_the_position_and_later_ones_only_changes() {
-        let mut p = PointerState::default();
+        let mut p = ReportState::default();
         let at = |x, y, buttons| InputEvent::Pointer { x, y, buttons };
         assert_eq!(
             report(at(100, 200, 0), &mut p),
@@ -197,7 +299,7 @@ mod tests {
 
     #[test]
     fn wheel_presses_are_one_step_each_and_their_releases_nothing() {
-        let mut p = PointerState::default();
+        let mut p = ReportState::default();
         let at = |buttons| InputEvent::Pointer {
             x: 0,
             y: 0,

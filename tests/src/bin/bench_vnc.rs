@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use tests::graphics_guest::{Area, GraphicsVm, Vmm, copy_rows, kit_spec, solid_file};
+use tests::pictures::{self, SIZE, SMALL_COLOUR, SOLID, stripe_colour, stripe_runs};
 use tests::rfb_client::{Format, RAW, RfbClient, Security, ZLIB, ZRLE};
 
-const SIZE: (u32, u32) = (1600, 900);
 /// Updates that stop for this long (after the guest's write returned) end a change: longer
 /// than QEMU's slowest refresh interval (3 s).
 const QUIET: Duration = Duration::from_secs(4);
@@ -40,35 +40,12 @@ const QUIET: Duration = Duration::from_secs(4);
 const FIRST_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
 const TIGHT: i32 = 7;
-const SOLID: [u8; 3] = [0x20, 0xc0, 0x60];
-const SMALL_COLOUR: [u8; 3] = [0xe0, 0x30, 0x10];
 const SMALL: Area = Area {
-    x: 101,
-    y: 203,
-    w: 64,
-    h: 16,
+    x: pictures::SMALL.0,
+    y: pictures::SMALL.1,
+    w: pictures::SMALL.2,
+    h: pictures::SMALL.3,
 };
-/// 16 colours of the stripes.
-const PALETTE: [[u8; 3]; 16] = [
-    [0, 0, 0],
-    [170, 0, 0],
-    [0, 170, 0],
-    [170, 85, 0],
-    [0, 0, 170],
-    [170, 0, 170],
-    [0, 170, 170],
-    [170, 170, 170],
-    [85, 85, 85],
-    [255, 85, 85],
-    [85, 255, 85],
-    [255, 255, 85],
-    [85, 85, 255],
-    [255, 85, 255],
-    [85, 255, 255],
-    [255, 255, 255],
-];
-/// Stripe widths, cycled across a row.
-const WIDTHS: [u32; 8] = [37, 100, 61, 13, 89, 50, 150, 25];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Change {
@@ -113,34 +90,6 @@ impl Change {
             }
         }
     }
-}
-
-/// The stripes: rows of runs of [`WIDTHS`], colour k (or k + 5 in odd 8-row bands) of the
-/// palette for the k-th run.
-fn stripe_runs(odd_band: bool) -> Vec<([u8; 3], u32)> {
-    let mut runs = Vec::new();
-    let mut x = 0;
-    for k in 0usize.. {
-        if x >= SIZE.0 {
-            break;
-        }
-        let w = WIDTHS[k % WIDTHS.len()].min(SIZE.0 - x);
-        let colour = PALETTE[(k + if odd_band { 5 } else { 0 }) % PALETTE.len()];
-        runs.push((colour, w));
-        x += w;
-    }
-    runs
-}
-
-fn stripe_colour(x: u32, y: u32) -> [u8; 3] {
-    let mut start = 0;
-    for (colour, w) in stripe_runs(y / 8 % 2 == 1) {
-        if x < start + w {
-            return colour;
-        }
-        start += w;
-    }
-    [0, 0, 0]
 }
 
 fn escapes(rgb: [u8; 3]) -> String {
@@ -593,17 +542,6 @@ fn table(all: &[(String, Results)]) {
 #[cfg(test)]
 mod unit {
     use super::*;
-
-    #[test]
-    fn stripes_cover_each_row_exactly_and_bands_differ() {
-        for odd in [false, true] {
-            let total: u32 = stripe_runs(odd).iter().map(|&(_, w)| w).sum();
-            assert_eq!(total, SIZE.0);
-        }
-        assert_eq!(stripe_colour(0, 0), PALETTE[0]);
-        assert_eq!(stripe_colour(0, 8), PALETTE[5]);
-        assert_eq!(stripe_colour(37, 0), PALETTE[1]);
-    }
 
     #[test]
     fn the_small_change_is_its_box_on_the_solid_screen() {
