@@ -13,9 +13,16 @@ use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
 use nix::sys::stat::{SFlag, fstat};
 use vm_memory::VolatileSlice;
+use vm_memory::volatile_memory::PtrGuardMut;
 
 /// Most iovecs handed to one `preadv`/`pwritev` (`IOV_MAX` on Linux).
 const IOV_MAX: usize = 1024;
+/// Most buffers of a request whose iovecs are built on the stack.
+const INLINE_IOVS: usize = 8;
+const EMPTY_IOV: libc::iovec = libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+};
 /// Size of the zero buffer used when the file system cannot zero a range itself.
 const ZERO_CHUNK: usize = 64 * 1024;
 
@@ -101,7 +108,8 @@ impl FileDisk {
     }
 
     /// Transfers all of `bufs` at `offset`, in `IOV_MAX` batches, resuming after short
-    /// transfers.
+    /// transfers. The iovecs of a request of at most [`INLINE_IOVS`] buffers (every 4 KiB
+    /// request, most others) live on the stack: no allocation per request.
     fn transfer(
         &self,
         offset: u64,
@@ -110,6 +118,23 @@ impl FileDisk {
     ) -> Result<(), DiskError> {
         // The guards keep the pointers valid for as long as the iovecs are used (with the
         // unit bitmap they do nothing else).
+        if bufs.len() <= INLINE_IOVS {
+            let guards: [Option<PtrGuardMut>; INLINE_IOVS] =
+                std::array::from_fn(|i| bufs.get(i).map(VolatileSlice::ptr_guard_mut));
+            let mut iovs = [EMPTY_IOV; INLINE_IOVS];
+            let mut n = 0;
+            for (g, b) in guards.iter().flatten().zip(bufs) {
+                if let Some(iov) = iovs.get_mut(n).filter(|_| !b.is_empty()) {
+                    *iov = libc::iovec {
+                        iov_base: g.as_ptr().cast(),
+                        iov_len: b.len(),
+                    };
+                    n += 1;
+                }
+            }
+            let iovs = iovs.get_mut(..n).unwrap_or_default();
+            return self.transfer_iovs(offset, iovs, write);
+        }
         let guards: Vec<_> = bufs.iter().map(VolatileSlice::ptr_guard_mut).collect();
         let mut iovs: Vec<libc::iovec> = guards
             .iter()
@@ -120,6 +145,16 @@ impl FileDisk {
                 iov_len: b.len(),
             })
             .collect();
+        self.transfer_iovs(offset, &mut iovs, write)
+    }
+
+    /// Transfers `iovs` (pointing into guest memory kept mapped by the caller's guards).
+    fn transfer_iovs(
+        &self,
+        offset: u64,
+        iovs: &mut [libc::iovec],
+        write: bool,
+    ) -> Result<(), DiskError> {
         let mut pos = offset;
         let mut first = 0usize;
         while first < iovs.len() {
@@ -156,7 +191,7 @@ impl FileDisk {
                 }
             };
             pos = pos.saturating_add(done as u64);
-            first = advance(&mut iovs, first, done);
+            first = advance(iovs, first, done);
         }
         Ok(())
     }

@@ -22,6 +22,8 @@ use crate::disk::Disk;
 /// Most descriptors one chain may have (direct or through an indirect table); well above
 /// `seg_max` + 2, far below what an indirect table can describe.
 pub const MAX_DESCRIPTORS: usize = 1024;
+/// Most guest memory slices of a request handed to the disk from the stack.
+const INLINE_SLICES: usize = 8;
 /// Bytes of `struct virtio_blk_outhdr`: type, reserved/ioprio, sector.
 const HEADER_LEN: u32 = 16;
 /// Bytes of one `struct virtio_blk_discard_write_zeroes`.
@@ -106,6 +108,9 @@ pub fn parse(
 ) -> Result<Request, ChainError> {
     let mut readable: Vec<Segment> = Vec::new();
     let mut writable: Vec<Segment> = Vec::new();
+    // A first descriptor that is exactly the header (as Linux lays requests out) is kept
+    // apart, so the rest of the readable part needs no splitting (and no allocation).
+    let mut header_seg: Option<Segment> = None;
     let mut last: Option<Descriptor> = None;
     for (n, d) in descriptors.enumerate() {
         if n >= MAX_DESCRIPTORS {
@@ -117,6 +122,8 @@ pub fn parse(
         };
         if d.is_write_only() {
             writable.push(seg);
+        } else if n == 0 && seg.len == HEADER_LEN {
+            header_seg = Some(seg);
         } else if writable.is_empty() {
             readable.push(seg);
         } else {
@@ -148,17 +155,22 @@ pub fn parse(
         });
     }
 
-    let (head, data_out) = split_at(&readable, HEADER_LEN);
     let mut raw = [0u8; HEADER_LEN as usize];
-    let header =
-        (total_len(&head) == u64::from(HEADER_LEN) && gather(mem, &head, &mut raw)).then(|| {
-            Header {
-                kind: u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]),
-                sector: u64::from_le_bytes([
-                    raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
-                ]),
-            }
-        });
+    let (whole, data_out) = if let Some(h) = header_seg {
+        (gather(mem, std::slice::from_ref(&h), &mut raw), readable)
+    } else {
+        let (head, data_out) = split_at(&readable, HEADER_LEN);
+        (
+            total_len(&head) == u64::from(HEADER_LEN) && gather(mem, &head, &mut raw),
+            data_out,
+        )
+    };
+    let header = whole.then(|| Header {
+        kind: u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]),
+        sector: u64::from_le_bytes([
+            raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
+        ]),
+    });
     Ok(Request {
         header,
         data_out,
@@ -328,14 +340,35 @@ fn with_slices<E>(
     segs: &[Segment],
     io: impl FnOnce(&[VolatileSlice<'_>]) -> Result<(), E>,
 ) -> Result<(), u32> {
-    let mut slices = Vec::with_capacity(segs.len());
+    // Requests of a few buffers (every 4 KiB one) build their slices on the stack.
+    let mut inline: [Option<VolatileSlice<'_>>; INLINE_SLICES] = [None; INLINE_SLICES];
+    let mut n = 0usize;
+    let mut spilled: Vec<VolatileSlice<'_>> = Vec::new();
     for s in segs {
         let len = usize::try_from(s.len).map_err(|_| VIRTIO_BLK_S_IOERR)?;
         for slice in mem.get_slices(s.addr, len) {
-            slices.push(slice.map_err(|_| VIRTIO_BLK_S_IOERR)?);
+            let slice = slice.map_err(|_| VIRTIO_BLK_S_IOERR)?;
+            if let Some(free) = inline.get_mut(n) {
+                *free = Some(slice);
+                n += 1;
+            } else {
+                if spilled.is_empty() {
+                    spilled.extend(inline.iter().flatten());
+                }
+                spilled.push(slice);
+            }
         }
     }
-    io(&slices).map_err(|_| VIRTIO_BLK_S_IOERR)
+    if !spilled.is_empty() {
+        io(&spilled).map_err(|_| VIRTIO_BLK_S_IOERR)
+    } else if let Some(Some(first)) = inline.first().copied() {
+        // Entries past `n` repeat the first slice only to fill the array; they are not passed.
+        let slices: [VolatileSlice<'_>; INLINE_SLICES] =
+            std::array::from_fn(|i| inline.get(i).copied().flatten().unwrap_or(first));
+        io(slices.get(..n).unwrap_or_default()).map_err(|_| VIRTIO_BLK_S_IOERR)
+    } else {
+        io(&[]).map_err(|_| VIRTIO_BLK_S_IOERR)
+    }
 }
 
 fn total_len(segs: &[Segment]) -> u64 {
@@ -583,6 +616,58 @@ mod tests {
             .read_slice(&mut back, GuestAddress(DATA + 0x4000))
             .expect("read back");
         assert_eq!(back, [0x5a; 1024]);
+    }
+
+    /// Header at descriptor 0, `count` 512-byte data buffers (buffer `k` at `addr(k)`), status.
+    fn scattered(f: &mut Fixture, kind: u32, count: u16, flags: u16, addr: impl Fn(u16) -> u64) {
+        f.header(HDR, kind, 0);
+        f.desc(0, HDR, 16, NEXT, 1);
+        for k in 0..count {
+            f.desc(k + 1, addr(k), 512, flags | NEXT, k + 2);
+        }
+        f.desc(count + 1, STATUS, 1, WRITE, 0);
+        f.avail += 1;
+        f.offer(0, f.avail);
+    }
+
+    #[test]
+    fn requests_of_more_buffers_than_fit_on_the_stack_move_every_buffer_in_order() {
+        // 12 buffers: more than the 8 whose slices and iovecs live on the stack.
+        let mut f = fixture();
+        let out_at = |k: u16| DATA + 0x1000 * u64::from(12 - k);
+        for k in 0..12u16 {
+            f.mem
+                .write_slice(&[k as u8 + 1; 512], GuestAddress(out_at(k)))
+                .expect("data");
+        }
+        scattered(&mut f, VIRTIO_BLK_T_OUT, 12, 0, out_at);
+        let req = f.pop().expect("parse write");
+        assert_eq!(f.run(&req, &ctx()).status, OK);
+        let disk = f.disk_bytes();
+        for k in 0..12usize {
+            assert_eq!(
+                disk.get(k * 512..(k + 1) * 512),
+                Some(&[k as u8 + 1; 512][..])
+            );
+        }
+
+        let in_at = |k: u16| DATA + 0x2_0000 + 0x1000 * u64::from(k);
+        scattered(&mut f, VIRTIO_BLK_T_IN, 12, WRITE, in_at);
+        let req = f.pop().expect("parse read");
+        assert_eq!(
+            f.run(&req, &ctx()),
+            Completion {
+                status: OK,
+                used_len: 12 * 512 + 1
+            }
+        );
+        for k in 0..12u16 {
+            let mut back = [0u8; 512];
+            f.mem
+                .read_slice(&mut back, GuestAddress(in_at(k)))
+                .expect("read back");
+            assert_eq!(back, [k as u8 + 1; 512]);
+        }
     }
 
     #[test]

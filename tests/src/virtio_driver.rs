@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -95,6 +95,13 @@ impl GuestRam {
         )
     }
 
+    /// Fills `buf` from `addr`.
+    pub fn read_into(&self, addr: u64, buf: &mut [u8]) {
+        self.mem
+            .read_slice(buf, GuestAddress(addr))
+            .expect("read guest RAM");
+    }
+
     pub fn write_u16(&self, addr: u64, v: u16) {
         self.write(addr, &v.to_le_bytes());
     }
@@ -172,6 +179,10 @@ pub struct SplitQueue {
     event_idx: bool,
     /// The available index at the last [`SplitQueue::notify`].
     notified_at: u16,
+    /// Notifications sent to the device so far.
+    kicks: AtomicU64,
+    /// Notifications received from the device so far (eventfd writes, as read back).
+    interrupts: u64,
 }
 
 impl SplitQueue {
@@ -198,6 +209,8 @@ impl SplitQueue {
             used_seen: 0,
             event_idx: false,
             notified_at: 0,
+            kicks: AtomicU64::new(0),
+            interrupts: 0,
         })
     }
 
@@ -282,7 +295,19 @@ impl SplitQueue {
 
     /// Notifies the device unconditionally.
     pub fn kick(&self) {
+        self.kicks.fetch_add(1, Ordering::Relaxed);
         self.kick.write(1).expect("kick");
+    }
+
+    /// Notifications sent to the device so far.
+    pub fn kicks(&self) -> u64 {
+        self.kicks.load(Ordering::Relaxed)
+    }
+
+    /// Notifications from the device the waits consumed so far (each eventfd write counts,
+    /// also when several arrived before one wakeup).
+    pub fn interrupts(&self) -> u64 {
+        self.interrupts
     }
 
     /// Adds, publishes and kicks one chain; returns its head.
@@ -296,14 +321,22 @@ impl SplitQueue {
     /// Writes `bufs` as a chain on descriptors `first..first + bufs.len()` (for callers that
     /// keep a fixed set of descriptors per request slot) and returns its head.
     pub fn add_chain_at(&mut self, ram: &GuestRam, first: u16, bufs: &[Buf]) -> u16 {
-        let mut table = Vec::with_capacity(16 * bufs.len());
-        for (k, b) in bufs.iter().enumerate() {
+        // One write for the whole chain; short chains (every benchmark request) from the stack.
+        let mut inline = [0u8; 16 * 4];
+        let mut spilled = Vec::new();
+        let table: &mut [u8] = if bufs.len() <= 4 {
+            &mut inline[..16 * bufs.len()]
+        } else {
+            spilled.resize(16 * bufs.len(), 0);
+            &mut spilled
+        };
+        for ((k, b), d) in bufs.iter().enumerate().zip(table.chunks_exact_mut(16)) {
             let i = first + u16::try_from(k).expect("index");
             let last = k + 1 == bufs.len();
             let flags = if b.write { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
-            table.extend_from_slice(&desc_bytes(b.addr, b.len, flags, i + 1));
+            d.copy_from_slice(&desc_bytes(b.addr, b.len, flags, i + 1));
         }
-        ram.write(self.desc + 16 * u64::from(first), &table);
+        ram.write(self.desc + 16 * u64::from(first), table);
         first
     }
 
@@ -339,18 +372,27 @@ impl SplitQueue {
             // both sides could miss each other's write and the interrupt would never come.
             std::sync::atomic::fence(Ordering::SeqCst);
             let idx = ram.load_u16(self.used + 2);
-            if self.used_seen != idx {
-                // One read of the whole ring rather than one per element.
-                let ring = ram.read(self.used + 4, 8 * usize::from(self.size));
-                while self.used_seen != idx && got.len() < max {
-                    let at = 8 * usize::from(self.used_seen % self.size);
-                    let elem = &ring[at..at + 8];
+            while self.used_seen != idx && got.len() < max {
+                // The new elements up to the ring's end (or `max`) in one read, as a guest
+                // reads just the elements it consumes.
+                let first = self.used_seen % self.size;
+                let ready = usize::from(idx.wrapping_sub(self.used_seen));
+                let count = ready
+                    .min(usize::from(self.size - first))
+                    .min(max - got.len());
+                let mut elems = [0u8; 8 * 32];
+                let chunk = count.min(32);
+                let bytes = &mut elems[..8 * chunk];
+                ram.read_into(self.used + 4 + 8 * u64::from(first), bytes);
+                for elem in bytes.chunks_exact(8) {
                     got.push(Used {
                         id: u32::from_le_bytes([elem[0], elem[1], elem[2], elem[3]]),
                         len: u32::from_le_bytes([elem[4], elem[5], elem[6], elem[7]]),
                     });
-                    self.used_seen = self.used_seen.wrapping_add(1);
                 }
+                self.used_seen = self
+                    .used_seen
+                    .wrapping_add(u16::try_from(chunk).expect("chunk"));
             }
             if got.len() >= min {
                 return Ok(got);
@@ -364,8 +406,10 @@ impl SplitQueue {
             }
             let ms = u16::try_from(left.as_millis().min(1000)).unwrap_or(1000);
             let mut fds = [PollFd::new(self.call.as_fd(), PollFlags::POLLIN)];
-            if poll(&mut fds, PollTimeout::from(ms)).map_err(|e| e.to_string())? > 0 {
-                let _ = self.call.read();
+            if poll(&mut fds, PollTimeout::from(ms)).map_err(|e| e.to_string())? > 0
+                && let Ok(n) = self.call.read()
+            {
+                self.interrupts += n;
             }
         }
     }
