@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bounds::{clip, is_printable_ascii};
+use crate::display::MAX_DIMENSION;
 
 /// Most vCPUs of one guest (the MADT and the APIC ids we hand out stay below 255).
 pub const MAX_CPUS: u32 = 64;
@@ -44,6 +45,19 @@ pub struct MachineConfig {
     pub local_offset_secs: i32,
     /// The guest's uuid (SMBIOS, and device serials later).
     pub uuid: [u8; 16],
+    /// The resolutions of the bochs display (`graphics_res`), when the guest has one; `None`:
+    /// the runner's defaults. Ignored when the runner is given no framebuffer.
+    pub display: Option<DisplayModes>,
+}
+
+/// What the bochs display offers the guest: the preferred mode (its EDID's first detailed
+/// timing, which Linux's `bochs` driver and OVMF pick) and the largest mode it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisplayModes {
+    pub width: u32,
+    pub height: u32,
+    pub max_width: u32,
+    pub max_height: u32,
 }
 
 /// Supervisor → runner.
@@ -128,6 +142,15 @@ pub enum RunnerMessageError {
     Cmdline,
     #[error("local time offset {0} s is not within a day")]
     LocalOffset(i32),
+    #[error(
+        "display mode {width}x{height} is not 1 to {max_width}x{max_height}, or the maximum is over {MAX_DIMENSION}"
+    )]
+    Display {
+        width: u32,
+        height: u32,
+        max_width: u32,
+        max_height: u32,
+    },
     #[error("reason text must be printable ASCII of at most {MAX_REASON_BYTES} bytes")]
     Reason,
 }
@@ -148,6 +171,21 @@ impl MachineConfig {
         }
         if self.local_offset_secs.unsigned_abs() > 86_400 {
             return Err(RunnerMessageError::LocalOffset(self.local_offset_secs));
+        }
+        if let Some(d) = self.display {
+            let fits = |v: u32, max: u32| (1..=max).contains(&v);
+            if !fits(d.max_width, MAX_DIMENSION)
+                || !fits(d.max_height, MAX_DIMENSION)
+                || !fits(d.width, d.max_width)
+                || !fits(d.height, d.max_height)
+            {
+                return Err(RunnerMessageError::Display {
+                    width: d.width,
+                    height: d.height,
+                    max_width: d.max_width,
+                    max_height: d.max_height,
+                });
+            }
         }
         Ok(())
     }
@@ -204,6 +242,12 @@ mod tests {
             utctime: true,
             local_offset_secs: 0,
             uuid: [7; 16],
+            display: Some(DisplayModes {
+                width: 1600,
+                height: 900,
+                max_width: 1600,
+                max_height: 900,
+            }),
         }
     }
 
@@ -232,6 +276,23 @@ mod tests {
         let mut c = config();
         c.local_offset_secs = -90_000;
         assert!(c.validate().is_err());
+        for (width, height, max_width, max_height) in [
+            (0, 900, 1600, 900),
+            (1600, 901, 1600, 900),
+            (1600, 900, MAX_DIMENSION + 1, 900),
+        ] {
+            let mut c = config();
+            c.display = Some(DisplayModes {
+                width,
+                height,
+                max_width,
+                max_height,
+            });
+            assert!(
+                matches!(c.validate(), Err(RunnerMessageError::Display { .. })),
+                "{width}x{height} of {max_width}x{max_height}"
+            );
+        }
     }
 
     #[test]

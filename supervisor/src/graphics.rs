@@ -68,9 +68,11 @@ pub enum GraphicsError {
     Pidfd(#[source] std::io::Error),
 }
 
-/// The framebuffer size for modes up to `width`×`height` at 32 bpp.
+/// The framebuffer size for modes up to `width`×`height` at 32 bpp: room for two frames,
+/// because Linux's `bochs` driver refuses a mode that needs more than half of it (it keeps a
+/// second buffer to flip to), and a power of two (a PCI BAR).
 pub fn framebuffer_bytes(width: u32, height: u32) -> u64 {
-    let need = u64::from(width) * u64::from(height) * 4;
+    let need = u64::from(width) * u64::from(height) * 4 * 2;
     need.next_power_of_two().max(MIN_FRAMEBUFFER_BYTES)
 }
 
@@ -342,11 +344,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn framebuffers_are_powers_of_two_of_at_least_16_mib() {
+    fn framebuffers_hold_two_frames_in_a_power_of_two_of_at_least_16_mib() {
         assert_eq!(framebuffer_bytes(800, 600), 16 << 20);
-        assert_eq!(framebuffer_bytes(1920, 1200), 16 << 20);
-        assert_eq!(framebuffer_bytes(2560, 1600), 16 << 20);
-        assert_eq!(framebuffer_bytes(3840, 2160), 32 << 20);
+        assert_eq!(framebuffer_bytes(1600, 900), 16 << 20);
+        assert_eq!(framebuffer_bytes(1920, 1200), 32 << 20);
+        assert_eq!(framebuffer_bytes(2560, 1600), 32 << 20);
+        assert_eq!(framebuffer_bytes(3840, 2160), 64 << 20);
     }
 
     #[test]

@@ -151,9 +151,51 @@ pub fn drain_to_file(
         .map_err(ConsoleError::Thread)
 }
 
+/// One agent command of a console input volume test and the line it must answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeCommand {
+    /// A shell command carrying `payload_len` letters that differ per command and position.
+    pub command: String,
+    /// `answer-<i> len=<payload_len> sum=<sum of the payload's bytes>`, as the guest's `sh`,
+    /// `od` and `awk` compute it from what arrived.
+    pub answer: String,
+}
+
+/// Command `i` of a run that pushes kilobytes of input through the guest's serial console:
+/// each command's line carries `payload_len` bytes the guest cannot guess and must echo back
+/// in a checksum, so a lost, doubled or reordered byte shows.
+pub fn volume_command(i: usize, payload_len: usize) -> VolumeCommand {
+    let payload: String = (0..payload_len)
+        .map(|j| {
+            let letter = i.wrapping_mul(7).wrapping_add(j.wrapping_mul(13)) % 26;
+            char::from(b'a' + u8::try_from(letter).unwrap_or(0))
+        })
+        .collect();
+    let sum: u64 = payload.bytes().map(u64::from).sum();
+    VolumeCommand {
+        command: format!(
+            "p={payload}; echo answer-{i} len=${{#p}} sum=$(printf %s \"$p\" | od -An -tu1 -v \
+             | awk '{{for (k = 1; k <= NF; k++) t += $k}} END {{print t}}')"
+        ),
+        answer: format!("answer-{i} len={payload_len} sum={sum}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn volume_commands_differ_per_index_and_answer_their_payload_sum() {
+        let a = volume_command(0, 3);
+        let b = volume_command(1, 3);
+
+        // Letters (7i + 13j) mod 26: i=0 gives 0, 13, 0 ("ana"); i=1 gives 7, 20, 7 ("huh").
+        assert!(a.command.starts_with("p=ana; "), "{}", a.command);
+        assert!(b.command.starts_with("p=huh; "), "{}", b.command);
+        assert_eq!(a.answer, format!("answer-0 len=3 sum={}", 97 + 110 + 97));
+        assert_eq!(b.answer, format!("answer-1 len=3 sum={}", 104 + 117 + 104));
+    }
 
     #[test]
     fn lines_arrive_without_carriage_returns_and_are_logged() {

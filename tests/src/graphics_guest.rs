@@ -76,13 +76,14 @@ pub struct GraphicsVm {
     size: (u32, u32),
 }
 
-/// The kit guest (agent, `cpus` vCPUs, `memory_mib` MiB) with its display mode set to `size`
-/// (`video=WxH`): without an EDID (capvm's bochs display has none) Linux's `bochs` driver
-/// otherwise picks 1024x768 whatever `graphics_res` allows.
-pub fn kit_spec(cpus: u32, memory_mib: u32, size: (u32, u32)) -> anyhow::Result<GuestSpec> {
+/// The kit guest (agent, `cpus` vCPUs, `memory_mib` MiB) for a display of `_size`. Nothing
+/// on its command line sets the mode (no `video=`): the guest's `bochs` driver takes the
+/// EDID's preferred mode, which the VMM makes the display's size (`graphics_res` under capvm,
+/// `xres`x`yres` under QEMU), so `_size` goes to the VMM ([`GraphicsVm::capvm`],
+/// [`GraphicsVm::qemu`]), not here.
+pub fn kit_spec(cpus: u32, memory_mib: u32, _size: (u32, u32)) -> anyhow::Result<GuestSpec> {
     let mut cmdline = KitCmdline::new(Action::Agent);
     cmdline.cpus = Some(cpus);
-    cmdline.extra.push(format!("video={}x{}", size.0, size.1));
     let kit = Kit::locate()?;
     Ok(GuestSpec {
         kernel: kit.kernel.clone(),

@@ -2,10 +2,12 @@
 //! `graphics="yes"` — the runner's bochs display, the guest's `bochs` DRM driver and
 //! `/dev/fb0`, and dev-fb's VNC server on the port the supervisor bound.
 //!
-//! `a_guest_fills_its_framebuffer_and_vnc_clients_see_the_colour`: the guest writes 64 rows
-//! of one colour to `/dev/fb0`; VNC clients asking for 32 bpp, 16 bpp (565) and 8 bpp (332)
-//! true colour each see that colour there, in their own format; `vm info` and the `console`
-//! file name the VNC address; dev-fb runs sandboxed. Real clients (vncdotool, `TigerVNC`) are
+//! `a_guest_fills_its_framebuffer_and_vnc_clients_see_the_colour`: with `graphics_res="1600x900"`
+//! and nothing on the kernel command line about the mode, the guest's `/dev/fb0` comes up at
+//! 1600x900 (the bochs display's EDID; Linux's own default is 1024x768) and VNC clients see a
+//! 1600x900 desktop; the guest writes 64 rows of one colour to `/dev/fb0`; VNC clients asking
+//! for 32 bpp, 16 bpp (565) and 8 bpp (332) true colour each see that colour there, in their own
+//! format; `vm info` and the `console` file name the VNC address; dev-fb runs sandboxed. Real clients (vncdotool, `TigerVNC`) are
 //! `vnc_clients.rs`.
 
 use std::net::SocketAddr;
@@ -18,10 +20,11 @@ use tests::graphics_guest::{GraphicsVm, fill_rows, kit_spec};
 use tests::harness::{self, E2e, Needs};
 use tests::launcher::CapvmLauncher;
 use tests::procfs;
-use tests::rfb_client::{Format, RAW, RfbClient, Security, ZRLE};
+use tests::rfb_client::{DESKTOP_SIZE, Format, RAW, RfbClient, Security, ZRLE};
 
 const NAME: &str = "fb";
-const SIZE: (u32, u32) = (1024, 768);
+/// `graphics_res`: not the guest driver's 1024x768 default, so only the EDID can set it.
+const SIZE: (u32, u32) = (1600, 900);
 /// The colour the guest paints, as red, green, blue.
 const COLOUR: [u8; 3] = [0x20, 0xc0, 0x60];
 
@@ -58,6 +61,7 @@ fn checks(vm: &mut GraphicsVm) -> anyhow::Result<()> {
         "vm info does not show {addr}: {info}"
     );
 
+    // fb0 at graphics_res (prepare_fb checks its size and stride against SIZE).
     vm.prepare_fb()?;
     vm.run_ok(&fill_rows(COLOUR, SIZE.0, 64))?;
 
@@ -80,22 +84,33 @@ fn checks(vm: &mut GraphicsVm) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connects with `format` and `encoding` and reads updates until pixel (512, 40) shows
-/// `want` (the guest's write reaches the framebuffer through fbdev's damage handling, a moment
-/// later) or 20 s pass; returns the last value seen.
+/// Connects with `format` and `encoding` and reads updates of the box around pixel (512, 40)
+/// until it shows `want` (the guest's write reaches the framebuffer through fbdev's damage
+/// handling, a moment later) or 20 s pass; returns the last value seen. Checks that the
+/// client's desktop is [`SIZE`].
 fn look(addr: SocketAddr, format: Format, encoding: i32, want: u32) -> anyhow::Result<u32> {
     let mut client = RfbClient::connect(addr, b"RFB 003.008\n", &Security::None, true)?;
     client.set_pixel_format(format)?;
-    client.set_encodings(&[encoding])?;
-    client.request_all(false)?;
+    // DesktopSize: a guest mode other than graphics_res would show as a resize.
+    client.set_encodings(&[encoding, DESKTOP_SIZE])?;
+    // Only the box around the pixel: a whole 1600x900 frame from a debug dev-fb inside the
+    // emulated test host can take longer than the client's read timeout.
+    client.request(false, 480, 32, 64, 16)?;
     client.read_update()?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut got = client.pixel(512, 40);
     while got != want && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(250));
-        client.request_all(false)?;
+        client.request(false, 480, 32, 64, 16)?;
         client.read_update()?;
         got = client.pixel(512, 40);
     }
+    let (width, height) = SIZE;
+    ensure!(
+        (u32::from(client.width), u32::from(client.height)) == SIZE,
+        "the VNC client sees a {}x{} desktop, not {width}x{height}",
+        client.width,
+        client.height
+    );
     Ok(got)
 }

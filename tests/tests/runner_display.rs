@@ -1,9 +1,11 @@
 //! End-to-end: the real `vcpu-runner`, started the way the supervisor starts it (as in
 //! `runner_boot.rs`) plus a 16 MiB framebuffer memfd and a display channel, boots the kit
 //! guest. The guest's own `bochs` DRM driver finds the bochs display (`/sys/class/drm/card0`),
-//! reads its EDID and sets the preferred 1024x768 mode: `/dev/fb0` shows that mode, the mode
-//! arrives on the display channel as `ToDisplay::SetMode`, and a pattern the guest writes to
-//! a row of `/dev/fb0` appears in the memfd at that row of the mode.
+//! reads its EDID and sets the preferred mode, the `graphics_res` the `Boot` message gave
+//! (1600x900: not the driver's own 1024x768 default, and no `video=` on the command line):
+//! `/dev/fb0` shows that mode, the mode arrives on the display channel as
+//! `ToDisplay::SetMode`, and a pattern the guest writes to a row of `/dev/fb0` appears in the
+//! memfd at that row of the mode.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, OwnedFd};
@@ -19,7 +21,7 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
 use proto::channel::Channel;
 use proto::display::{Mode, ToDisplay};
-use proto::runner::{FromRunner, GuestExit, MachineConfig, ToRunner};
+use proto::runner::{DisplayModes, FromRunner, GuestExit, MachineConfig, ToRunner};
 use supervisor::spawn;
 use tests::console::Console;
 use tests::harness::{self, E2e, Needs};
@@ -28,9 +30,11 @@ use tests::marker::{self, Marker};
 
 const MEMORY: u64 = 512 << 20;
 const FRAMEBUFFER: u64 = 16 << 20;
+/// `graphics_res`: the EDID's preferred mode and the largest the display accepts.
+const MODE: (u32, u32) = (1600, 900);
 const BOOT_TIMEOUT: Duration = Duration::from_mins(3);
-/// The row checked of the 64 the guest fills with the pattern (256 times per 4096-byte,
-/// 1024-pixel row): below the top-left character cell, where fbcon's cursor draws.
+/// The row checked of the 40 the guest fills with the pattern (256 KiB of it from offset 0,
+/// rows of 6400 bytes): below the top-left character cell, where fbcon's cursor draws.
 const PATTERN_ROW: u64 = 32;
 const PATTERN: &[u8; 16] = b"CAPVM-FB-PATTERN";
 
@@ -76,7 +80,8 @@ const SCRIPT: &str = "i=0; while [ ! -e /dev/fb0 ] && [ $i -lt 40 ]; do sleep 0.
     echo probe-fb-size=$(cat /sys/class/graphics/fb0/virtual_size); \
     echo probe-fb-bpp=$(cat /sys/class/graphics/fb0/bits_per_pixel); \
     echo probe-fb-stride=$(cat /sys/class/graphics/fb0/stride); \
-    echo probe-bochs=$(dmesg | grep -i -e bochs -e drm | tr '\\n' '|'); \
+    echo probe-bochs=$(dmesg | grep -i -e bochs -e drm -e edid | tr '\\n' '|'); \
+    echo probe-modes=$(head -n 3 /sys/class/drm/card0-*/modes | tr '\\n' ' '); \
     i=0; while [ $i -lt 256 ]; do printf CAPVM-FB-PATTERN; i=$((i+1)); done > /tmp/row; \
     i=0; while [ $i -lt 64 ]; do cat /tmp/row; i=$((i+1)); done > /tmp/rows; \
     cat /tmp/rows > /dev/fb0; \
@@ -156,6 +161,12 @@ fn start(script: &str) -> anyhow::Result<Started> {
             utctime: true,
             local_offset_secs: 0,
             uuid: [0x43; 16],
+            display: Some(DisplayModes {
+                width: MODE.0,
+                height: MODE.1,
+                max_width: MODE.0,
+                max_height: MODE.1,
+            }),
         }),
         &[],
     )?;
@@ -282,10 +293,23 @@ fn check_guest(started: &Started) -> anyhow::Result<()> {
         probe("drm"),
         started.log()
     );
+    let (width, height) = MODE;
     ensure!(
-        probe("fb-size") == "1024,768",
-        "fb0 is {:?}",
-        probe("fb-size")
+        probe("fb-size") == format!("{width},{height}"),
+        "fb0 is {:?}, not the EDID's {width}x{height}; the guest's modes: {:?}; its log: {:?}",
+        probe("fb-size"),
+        probe("modes"),
+        probe("bochs")
+    );
+    ensure!(
+        probe("modes").split(' ').next() == Some(format!("{width}x{height}").as_str()),
+        "the guest's first (preferred) mode is not {width}x{height}: {:?}",
+        probe("modes")
+    );
+    ensure!(
+        probe("fb-stride") == (width * 4).to_string(),
+        "fb0 stride {:?}",
+        probe("fb-stride")
     );
     ensure!(probe("fb-bpp") == "32", "fb0 bpp {:?}", probe("fb-bpp"));
     ensure!(probe("written") == "yes", "the guest did not write fb0");
@@ -304,7 +328,7 @@ fn check_guest(started: &Started) -> anyhow::Result<()> {
         bail!("no SetMode arrived; runner log:\n{}", started.log());
     };
     ensure!(
-        (mode.width, mode.height, mode.bpp, mode.stride) == (1024, 768, 32, 4096),
+        (mode.width, mode.height, mode.bpp, mode.stride) == (width, height, 32, width * 4),
         "the last mode is {mode:?}"
     );
     ensure!(mode.validate(FRAMEBUFFER).is_ok());

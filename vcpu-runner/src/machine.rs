@@ -467,8 +467,19 @@ fn build_display(
         .metadata()
         .map_err(|e| DisplayError::Slot(SlotError::Stat(e)))?
         .len();
-    let config = DisplayConfig::with_framebuffer(size);
+    let config = display_config(cfg, size);
     config.validate().map_err(DisplayError::from)?;
+    // Linux's `bochs` driver drops every mode that needs more than half the framebuffer
+    // (`drm_vram_helper_mode_valid`), the EDID's preferred one included.
+    let preferred = u64::from(config.width) * u64::from(config.height) * 4;
+    if preferred.saturating_mul(2) > size {
+        tracing::warn!(
+            width = config.width,
+            height = config.height,
+            framebuffer_bytes = size,
+            "the preferred mode needs more than half the framebuffer: Linux guests will not use it"
+        );
+    }
     let slot = KvmFramebuffer::new(vm.clone(), FRAMEBUFFER_SLOT, inputs.framebuffer, size)
         .map_err(DisplayError::from)?;
     let sink = Arc::new(DisplaySink::new(proto::Channel::from_fd(inputs.channel))?);
@@ -493,6 +504,19 @@ fn build_display(
         "bochs display present"
     );
     Ok((Arc::new(Mutex::new(display)), sink))
+}
+
+/// The display's configuration: `cfg`'s resolutions (`graphics_res`) over a framebuffer of
+/// `framebuffer_bytes`, or the defaults when the supervisor sent none.
+fn display_config(cfg: &MachineConfig, framebuffer_bytes: u64) -> DisplayConfig {
+    let mut config = DisplayConfig::with_framebuffer(framebuffer_bytes);
+    if let Some(modes) = cfg.display {
+        config.width = modes.width;
+        config.height = modes.height;
+        config.max_width = modes.max_width;
+        config.max_height = modes.max_height;
+    }
+    config
 }
 
 /// The display's mode changes, sent to whichever dev-fb is current: a restarted dev-fb's new
@@ -878,6 +902,48 @@ mod tests {
         assert!(
             map.is_free(0xe100_0000, 16 << 20),
             "between ECAM and the IOAPIC"
+        );
+    }
+
+    fn machine(display: Option<proto::runner::DisplayModes>) -> MachineConfig {
+        MachineConfig {
+            cpus: 1,
+            memory_bytes: 256 << 20,
+            cmdline: String::new(),
+            utctime: true,
+            local_offset_secs: 0,
+            uuid: [0; 16],
+            display,
+        }
+    }
+
+    #[test]
+    fn the_display_takes_graphics_res_from_the_machine_config_as_its_edid_mode() {
+        let modes = proto::runner::DisplayModes {
+            width: 1600,
+            height: 900,
+            max_width: 1600,
+            max_height: 900,
+        };
+        let config = display_config(&machine(Some(modes)), 16 << 20);
+        assert_eq!(
+            (
+                config.width,
+                config.height,
+                config.max_width,
+                config.max_height
+            ),
+            (1600, 900, 1600, 900)
+        );
+        assert_eq!(config.framebuffer_bytes, 16 << 20);
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn without_graphics_res_the_display_keeps_its_defaults() {
+        assert_eq!(
+            display_config(&machine(None), 16 << 20),
+            DisplayConfig::with_framebuffer(16 << 20)
         );
     }
 

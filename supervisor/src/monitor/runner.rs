@@ -20,7 +20,7 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
 use proto::channel::{Channel, ChannelError};
-use proto::runner::{GuestExit, MachineConfig, ToRunner};
+use proto::runner::{DisplayModes, GuestExit, MachineConfig, ToRunner};
 
 use super::devices::{self, DeviceContext, DeviceError, DeviceProcess, TapRef};
 use crate::preflight::BootPlan;
@@ -161,16 +161,28 @@ pub struct DisplayContext<'a> {
     pub log: BorrowedFd<'a>,
 }
 
-/// Opens everything, starts the runner in its sandbox and sends it the machine.
-pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, BootError> {
-    let machine = MachineConfig {
+/// The machine `plan` describes, with the display's resolutions (`graphics_res`, as dev-fb's
+/// setup has them) for the bochs display's EDID and maxima.
+fn machine_config(plan: &BootPlan, ctx: &BootContext<'_>) -> MachineConfig {
+    MachineConfig {
         cpus: plan.cpus,
         memory_bytes: plan.memory_bytes,
         cmdline: plan.cmdline.clone(),
         utctime: plan.utctime,
         local_offset_secs: vmlog::local_time(SystemTime::now()).offset_secs,
         uuid: plan.uuid,
-    };
+        display: ctx.display.map(|d| DisplayModes {
+            width: d.console.setup.width,
+            height: d.console.setup.height,
+            max_width: d.console.setup.max_width,
+            max_height: d.console.setup.max_height,
+        }),
+    }
+}
+
+/// Opens everything, starts the runner in its sandbox and sends it the machine.
+pub fn boot(plan: &BootPlan, ctx: &BootContext<'_>) -> Result<RunnerProcess, BootError> {
+    let machine = machine_config(plan, ctx);
     machine.validate()?;
     let memory = guest_memory(plan.memory_bytes)?;
     let kvm_path = std::env::var_os(KVM_DEVICE_ENV)

@@ -1,8 +1,30 @@
 //! COM1: a 16550A UART at [`COM1_PORT`], the guest's serial console.
 //!
-//! The register logic is `vm-superio`'s [`Serial`]; this file adapts it to the port bus (absolute
-//! ports, any access width split into byte accesses as the ISA bus would) and raises
-//! [`COM1_GSI`] as an edge through the [`Platform`].
+//! The data path and most registers are `vm-superio`'s [`Serial`] (transmit, the 64-byte
+//! receive FIFO, divisor latch, line and modem control, loopback); this file adapts it to the
+//! port bus (absolute ports, any access width split into byte accesses as the ISA bus would)
+//! and owns the interrupt: the interrupt identification register and the level of
+//! [`COM1_GSI`].
+//!
+//! The interrupt follows a real 16550 (and QEMU's serial): the UART's interrupt output is a
+//! *level* that stays asserted while an enabled condition holds — received data is waiting
+//! (`IER.RDI` and `LSR.DR`) or the transmitter is empty and that has not been acknowledged
+//! (`IER.THRI`, cleared by an `IIR` read that reports it, set again by the next `THR` write
+//! or by enabling `THRI`). `IIR` reports the highest-priority condition that holds now. The
+//! line to the interrupt controller changes only when that level does: on a PC, IRQ 4 is
+//! edge-triggered at the IOAPIC, so the guest sees one edge each time the level rises, and
+//! Linux's 8250 driver, which reads `IIR` until it says "no interrupt" before it returns,
+//! lowers the level on its way out so that the next condition raises a new edge.
+//!
+//! `vm-superio` 0.8 pulses its interrupt on every new condition instead and clears
+//! "received data" on any `RBR` or `IIR` read, even with bytes left in the FIFO. A guest that
+//! stopped reading with bytes left (Linux reads at most 256 characters per pass while the
+//! console thread refills the FIFO) then read `IIR` as "no interrupt" and never heard of those
+//! bytes again: console input stalled after a few KiB.
+//!
+//! Not modelled: line status errors (`IER.RLSI` never fires), modem status changes
+//! (`IER.MSI` never fires), receive trigger levels and the character timeout (received data
+//! interrupts as soon as one byte is waiting), `MCR.OUT2` gating the line (as QEMU).
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -18,15 +40,34 @@ use crate::layout::{COM1_GSI, COM1_PORT};
 /// Ports the UART decodes, from [`COM1_PORT`].
 const REGISTER_COUNT: u16 = 8;
 
-/// Raises COM1's interrupt line as an edge: the ISA serial interrupt is edge-triggered.
-struct Com1Irq(Arc<dyn Platform>);
+/// Register offsets.
+const THR_RBR: u8 = 0;
+const IER: u8 = 1;
+const IIR: u8 = 2;
+const LCR: u8 = 3;
+const LSR: u8 = 5;
+/// `IER` bits this UART acts on, and the bits a guest may set.
+const IER_RDI: u8 = 0x01;
+const IER_THRI: u8 = 0x02;
+const IER_VALID: u8 = 0x0f;
+/// `IIR` values: the interrupt identification (highest priority first) with the FIFO-enabled
+/// bits a 16550A reports.
+const IIR_FIFO_BITS: u8 = 0xc0;
+const IIR_NO_INT: u8 = 0x01;
+const IIR_RDI: u8 = 0x04;
+const IIR_THRI: u8 = 0x02;
+/// `LCR.DLAB`: offsets 0 and 1 are the divisor latch.
+const LCR_DLAB: u8 = 0x80;
+/// `LSR.DR`: received data is waiting.
+const LSR_DR: u8 = 0x01;
 
-impl Trigger for Com1Irq {
+/// `vm-superio`'s interrupt callback, unused: [`Com1`] derives its line from the registers.
+struct NoPulse;
+
+impl Trigger for NoPulse {
     type E = Infallible;
 
     fn trigger(&self) -> Result<(), Infallible> {
-        self.0.set_irq(COM1_GSI, true);
-        self.0.set_irq(COM1_GSI, false);
         Ok(())
     }
 }
@@ -34,23 +75,37 @@ impl Trigger for Com1Irq {
 /// The COM1 UART: guest output goes to the writer given at creation, input comes from
 /// [`Com1::enqueue_input`].
 pub struct Com1 {
-    uart: Serial<Com1Irq, NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<NoPulse, NoEvents, Box<dyn Write + Send>>,
+    platform: Arc<dyn Platform>,
+    /// `IER` as the guest last wrote it (`vm-superio` keeps it too, unreadable behind DLAB).
+    ier: u8,
+    /// The transmitter-empty interrupt is pending (not yet acknowledged by an `IIR` read).
+    thr_pending: bool,
+    /// The level [`COM1_GSI`] was last driven to.
+    line: bool,
 }
 
 impl std::fmt::Debug for Com1 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Com1")
+            .field("ier", &self.ier)
+            .field("thr_pending", &self.thr_pending)
+            .field("line", &self.line)
             .field("fifo_capacity", &self.uart.fifo_capacity())
             .finish_non_exhaustive()
     }
 }
 
 impl Com1 {
-    /// A UART in its reset state that raises [`COM1_GSI`] on `platform` and writes the
+    /// A UART in its reset state that drives [`COM1_GSI`] on `platform` and writes the
     /// guest's output to `out`.
     pub fn new(platform: Arc<dyn Platform>, out: Box<dyn Write + Send>) -> Com1 {
         Com1 {
-            uart: Serial::new(Com1Irq(platform), out),
+            uart: Serial::new(NoPulse, out),
+            platform,
+            ier: 0,
+            thr_pending: false,
+            line: false,
         }
     }
 
@@ -58,14 +113,16 @@ impl Com1 {
     /// caller offers the rest again once the guest has drained some. A UART in loopback mode
     /// accepts nothing.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        match self.uart.enqueue_raw_bytes(bytes) {
+        let accepted = match self.uart.enqueue_raw_bytes(bytes) {
             Ok(accepted) => accepted,
             Err(SerialError::FullFifo) => 0,
             Err(e) => {
                 tracing::debug!(error = %e, "com1: input not queued");
                 0
             }
-        }
+        };
+        self.update_line();
+        accepted
     }
 
     /// The register offset of `port`, if the UART decodes it.
@@ -74,18 +131,79 @@ impl Com1 {
             .filter(|&o| o < REGISTER_COUNT)
             .and_then(|o| u8::try_from(o).ok())
     }
+
+    /// Whether offsets 0 and 1 are the divisor latch now.
+    fn dlab(&mut self) -> bool {
+        self.uart.read(LCR) & LCR_DLAB != 0
+    }
+
+    /// The highest-priority pending interrupt as `IIR`'s identification bits.
+    fn identification(&mut self) -> u8 {
+        if self.ier & IER_RDI != 0 && self.uart.read(LSR) & LSR_DR != 0 {
+            IIR_RDI
+        } else if self.ier & IER_THRI != 0 && self.thr_pending {
+            IIR_THRI
+        } else {
+            IIR_NO_INT
+        }
+    }
+
+    /// Drives [`COM1_GSI`] to the interrupt output's level, if that changed.
+    fn update_line(&mut self) {
+        let level = self.identification() != IIR_NO_INT;
+        if level != self.line {
+            self.line = level;
+            self.platform.set_irq(COM1_GSI, level);
+        }
+    }
+
+    fn read_register(&mut self, offset: u8) -> u8 {
+        if offset == IIR {
+            let id = self.identification();
+            // Reading IIR acknowledges a transmitter-empty interrupt it reports; received
+            // data stays pending until the FIFO is drained.
+            if id == IIR_THRI {
+                self.thr_pending = false;
+            }
+            return IIR_FIFO_BITS | id;
+        }
+        self.uart.read(offset)
+    }
+
+    fn write_register(&mut self, offset: u8, value: u8) {
+        let dlab = self.dlab();
+        if let Err(e) = self.uart.write(offset, value) {
+            // The byte is lost; the guest is not told (a real UART's line would not be).
+            tracing::debug!(error = %e, "com1: output byte dropped");
+        }
+        match offset {
+            // Transmission is instantaneous: the holding register is empty again at once.
+            THR_RBR if !dlab => self.thr_pending = true,
+            IER if !dlab => {
+                let value = value & IER_VALID;
+                if (self.ier ^ value) & IER_THRI != 0 {
+                    // Enabling THRI with the transmitter empty (it always is) interrupts;
+                    // disabling it drops a pending one.
+                    self.thr_pending = value & IER_THRI != 0;
+                }
+                self.ier = value;
+            }
+            _ => {}
+        }
+    }
 }
 
 impl PioDevice for Com1 {
     fn read(&mut self, port: u16, data: &mut [u8]) {
         for (i, byte) in data.iter_mut().enumerate() {
             *byte = if let Some(offset) = byte_port(port, i).and_then(Self::offset) {
-                self.uart.read(offset)
+                self.read_register(offset)
             } else {
                 tracing::debug!(port, "com1: read outside the UART");
                 0xff
             };
         }
+        self.update_line();
     }
 
     fn write(&mut self, port: u16, data: &[u8]) {
@@ -94,11 +212,9 @@ impl PioDevice for Com1 {
                 tracing::debug!(port, value, "com1: write outside the UART dropped");
                 continue;
             };
-            if let Err(e) = self.uart.write(offset, value) {
-                // The byte is lost; the guest is not told (a real UART's line would not be).
-                tracing::debug!(error = %e, "com1: output byte dropped");
-            }
+            self.write_register(offset, value);
         }
+        self.update_line();
     }
 }
 
@@ -110,11 +226,17 @@ mod tests {
     use crate::devices::fake_platform::RecordingPlatform;
 
     const RBR_THR: u16 = COM1_PORT;
-    const IER: u16 = COM1_PORT + 1;
-    const IIR: u16 = COM1_PORT + 2;
-    const LSR: u16 = COM1_PORT + 5;
+    const IER_PORT: u16 = COM1_PORT + 1;
+    const IIR_PORT: u16 = COM1_PORT + 2;
+    const LCR_PORT: u16 = COM1_PORT + 3;
+    const LSR_PORT: u16 = COM1_PORT + 5;
     const LSR_DATA_READY: u8 = 0x01;
     const IER_RX: u8 = 0x01;
+    const IER_TX: u8 = 0x02;
+    /// `IIR` as a 16550A with FIFOs reports each condition.
+    const IIR_RX: u8 = 0xc4;
+    const IIR_TX: u8 = 0xc2;
+    const IIR_NONE: u8 = 0xc1;
 
     /// A writer the test can look into after handing it to the UART.
     #[derive(Clone, Default)]
@@ -168,21 +290,116 @@ mod tests {
     fn enqueued_input_is_read_from_rbr_with_data_ready_until_drained() {
         let (mut com1, _, _) = com1();
         assert_eq!(com1.enqueue_input(b"ok"), 2);
-        assert_ne!(inb(&mut com1, LSR) & LSR_DATA_READY, 0);
+        assert_ne!(inb(&mut com1, LSR_PORT) & LSR_DATA_READY, 0);
         assert_eq!(inb(&mut com1, RBR_THR), b'o');
         assert_eq!(inb(&mut com1, RBR_THR), b'k');
-        assert_eq!(inb(&mut com1, LSR) & LSR_DATA_READY, 0);
+        assert_eq!(inb(&mut com1, LSR_PORT) & LSR_DATA_READY, 0);
     }
 
     #[test]
-    fn input_with_rx_interrupt_enabled_pulses_com1_gsi() {
+    fn input_with_rx_interrupt_enabled_raises_com1_gsi_until_the_fifo_is_drained() {
         let (mut com1, platform, _) = com1();
-        com1.write(IER, &[IER_RX]);
+        com1.write(IER_PORT, &[IER_RX]);
         assert!(platform.irqs().is_empty());
-        com1.enqueue_input(b"x");
+        com1.enqueue_input(b"xy");
+        assert_eq!(platform.irqs(), vec![(COM1_GSI, true)]);
+        assert_eq!(inb(&mut com1, IIR_PORT), IIR_RX);
+        assert_eq!(inb(&mut com1, RBR_THR), b'x');
+        assert_eq!(platform.irqs(), vec![(COM1_GSI, true)], "a byte is left");
+        assert_eq!(inb(&mut com1, RBR_THR), b'y');
         assert_eq!(platform.irqs(), vec![(COM1_GSI, true), (COM1_GSI, false)]);
-        // IIR says "received data available" (0x4) with the FIFO bits set.
-        assert_eq!(inb(&mut com1, IIR) & 0x0f, 0x04);
+        assert_eq!(inb(&mut com1, IIR_PORT), IIR_NONE);
+    }
+
+    /// The console stall: Linux's 8250 driver reads at most 256 characters per pass while the
+    /// console thread refills the FIFO, then reads IIR to decide whether to go round again.
+    /// With bytes left, IIR must still say "received data", and the line must stay up.
+    #[test]
+    fn received_data_stays_pending_after_iir_and_partial_rbr_reads() {
+        let (mut com1, platform, _) = com1();
+        com1.write(IER_PORT, &[IER_RX]);
+        com1.enqueue_input(b"abcdef");
+        assert_eq!(inb(&mut com1, IIR_PORT), IIR_RX);
+        assert_eq!(inb(&mut com1, RBR_THR), b'a');
+        com1.enqueue_input(b"g");
+        assert_eq!(inb(&mut com1, RBR_THR), b'b');
+
+        assert_eq!(inb(&mut com1, IIR_PORT), IIR_RX);
+        assert_eq!(
+            inb(&mut com1, IIR_PORT),
+            IIR_RX,
+            "reading IIR acknowledges no data"
+        );
+        assert_eq!(platform.irqs(), vec![(COM1_GSI, true)]);
+        for &want in b"cdefg" {
+            assert_eq!(inb(&mut com1, RBR_THR), want);
+        }
+        assert_eq!(inb(&mut com1, IIR_PORT), IIR_NONE);
+        assert_eq!(platform.irqs(), vec![(COM1_GSI, true), (COM1_GSI, false)]);
+    }
+
+    #[test]
+    fn enabling_rx_interrupts_with_data_waiting_raises_the_line() {
+        let (mut com1, platform, _) = com1();
+        com1.enqueue_input(b"z");
+        assert!(platform.irqs().is_empty());
+        com1.write(IER_PORT, &[IER_RX]);
+        assert_eq!(platform.irqs(), vec![(COM1_GSI, true)]);
+        com1.write(IER_PORT, &[0]);
+        assert_eq!(platform.irqs(), vec![(COM1_GSI, true), (COM1_GSI, false)]);
+    }
+
+    #[test]
+    fn thr_empty_interrupts_on_enable_and_after_each_write_until_iir_acknowledges_it() {
+        let (mut com1, platform, out) = com1();
+        com1.write(IER_PORT, &[IER_TX]);
+        assert_eq!(platform.irqs(), vec![(COM1_GSI, true)]);
+        assert_eq!(inb(&mut com1, IIR_PORT), IIR_TX);
+        assert_eq!(platform.irqs(), vec![(COM1_GSI, true), (COM1_GSI, false)]);
+        assert_eq!(inb(&mut com1, IIR_PORT), IIR_NONE);
+
+        com1.write(RBR_THR, b"q");
+        assert_eq!(*out.0.lock().unwrap(), b"q");
+        assert_eq!(platform.irqs().last(), Some(&(COM1_GSI, true)));
+        assert_eq!(inb(&mut com1, IIR_PORT), IIR_TX);
+        assert_eq!(platform.irqs().last(), Some(&(COM1_GSI, false)));
+        assert_eq!(platform.irqs().len(), 4);
+    }
+
+    /// Linux's startup test for UARTs that do not re-assert THRE (`UART_BUG_THRE`): enable
+    /// THRI, read IIR, disable, enable again, read IIR; a real 16550 reports THRE both times.
+    #[test]
+    fn thr_empty_is_reasserted_when_thri_is_enabled_again() {
+        let (mut com1, _, _) = com1();
+        com1.write(IER_PORT, &[IER_TX]);
+        let first = inb(&mut com1, IIR_PORT);
+        com1.write(IER_PORT, &[0]);
+        com1.write(IER_PORT, &[IER_TX]);
+        let second = inb(&mut com1, IIR_PORT);
+        assert_eq!((first, second), (IIR_TX, IIR_TX));
+    }
+
+    #[test]
+    fn received_data_is_reported_before_thr_empty() {
+        let (mut com1, _, _) = com1();
+        com1.write(IER_PORT, &[IER_RX | IER_TX]);
+        com1.enqueue_input(b"r");
+        assert_eq!(inb(&mut com1, IIR_PORT), IIR_RX);
+        assert_eq!(inb(&mut com1, RBR_THR), b'r');
+        assert_eq!(inb(&mut com1, IIR_PORT), IIR_TX);
+        assert_eq!(inb(&mut com1, IIR_PORT), IIR_NONE);
+    }
+
+    #[test]
+    fn ier_writes_behind_the_divisor_latch_set_the_divisor_not_the_interrupts() {
+        let (mut com1, platform, _) = com1();
+        com1.write(LCR_PORT, &[0x80]);
+        com1.write(IER_PORT, &[IER_TX]);
+        com1.write(RBR_THR, &[0x01]);
+        assert!(platform.irqs().is_empty());
+        com1.write(LCR_PORT, &[0x03]);
+        assert_eq!(inb(&mut com1, IER_PORT), 0);
+        assert_eq!(inb(&mut com1, IIR_PORT), IIR_NONE);
     }
 
     #[test]
@@ -235,7 +452,7 @@ mod tests {
         let mut com1 = Com1::new(platform, Box::new(Broken));
         com1.write(RBR_THR, b"lost");
         assert_eq!(
-            inb(&mut com1, LSR) & 0x60,
+            inb(&mut com1, LSR_PORT) & 0x60,
             0x60,
             "transmitter still reads empty"
         );
