@@ -9,10 +9,15 @@
 //! dropped), reads per wake-up are bounded, and a client that never finishes its handshake is
 //! dropped after [`HANDSHAKE_TIMEOUT`].
 //!
-//! Scanning: while at least one client waits for an incremental update the framebuffer's tiles
-//! are hashed every [`SCAN_FAST`] (30 Hz) after a change or input, easing to [`SCAN_SLOW`] after
-//! a quiet second; with no client, or none waiting, `poll` sleeps without a timeout, so an idle
-//! display costs no CPU.
+//! Scanning: while at least one client waits for an incremental update the framebuffer is
+//! scanned ([`TileGrid::scan`]) every [`SCAN_FAST`] (30 Hz) for [`QUIET_AFTER`] after a change or
+//! a client's key or pointer event, then every [`SCAN_SLOW`] until the screen has been quiet for
+//! [`IDLE_AFTER`], then every [`SCAN_IDLE`]. Input brings the next scan forward to at most
+//! [`SCAN_FAST`] away, so typing and pointing on a still screen are answered at the fast rate.
+//! A change the guest makes on its own after a quiet spell (a clock, a log line) reaches the
+//! client at most [`SCAN_IDLE`] later (half that on average; [`SCAN_SLOW`] within a few seconds
+//! of activity), and the rest of the change at the fast rate. With no client, or none waiting,
+//! `poll` sleeps without a timeout, so an unwatched display costs no CPU.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -36,8 +41,12 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const SCAN_FAST: Duration = Duration::from_millis(33);
 /// Scan interval once the screen has been quiet for [`QUIET_AFTER`].
 pub const SCAN_SLOW: Duration = Duration::from_millis(200);
+/// Scan interval once the screen has been quiet for [`IDLE_AFTER`].
+pub const SCAN_IDLE: Duration = Duration::from_secs(1);
 /// How long after a change or input the fast rate holds.
 pub const QUIET_AFTER: Duration = Duration::from_secs(1);
+/// How long after a change or input the slow rate holds before the idle one.
+pub const IDLE_AFTER: Duration = Duration::from_secs(3);
 /// Bytes read from one client per wake-up, so a flooding client cannot starve the others.
 const READ_BUDGET: usize = 64 * 1024;
 /// Buffer capacity a client keeps between updates.
@@ -112,7 +121,8 @@ pub struct Server<'a, S: InputSink> {
     grid: TileGrid,
     input: S,
     next_scan: Instant,
-    fast_until: Instant,
+    /// The last change seen or client input.
+    active_at: Instant,
 }
 
 impl<S: InputSink> std::fmt::Debug for Server<'_, S> {
@@ -146,7 +156,7 @@ impl<'a, S: InputSink> Server<'a, S> {
             grid: TileGrid::new(),
             input,
             next_scan: now,
-            fast_until: now,
+            active_at: now,
         }
     }
 
@@ -409,7 +419,21 @@ impl<'a, S: InputSink> Server<'a, S> {
 
     fn handle_events(&mut self, events: &[Event]) {
         if events.contains(&Event::Input) {
-            self.fast_until = Instant::now() + QUIET_AFTER;
+            let now = Instant::now();
+            self.active_at = now;
+            self.next_scan = self.next_scan.min(now + SCAN_FAST);
+        }
+    }
+
+    /// The scan interval for a screen last active at `active_at`.
+    fn scan_interval(active_at: Instant, now: Instant) -> Duration {
+        let quiet = now.saturating_duration_since(active_at);
+        if quiet < QUIET_AFTER {
+            SCAN_FAST
+        } else if quiet < IDLE_AFTER {
+            SCAN_SLOW
+        } else {
+            SCAN_IDLE
         }
     }
 
@@ -428,8 +452,8 @@ impl<'a, S: InputSink> Server<'a, S> {
             return;
         };
         // Scan before any update goes out, not only on the clock: an update reads the live
-        // framebuffer, so the shadow must be at least as new as what the client is sent, or a
-        // later change back to the shadow's picture would go unseen.
+        // framebuffer, so the grid's hashes must be at least as new as what the client is
+        // sent, or a later change back to the hashed picture would go unseen.
         let sending = self
             .clients
             .iter()
@@ -437,18 +461,13 @@ impl<'a, S: InputSink> Server<'a, S> {
         if now >= self.next_scan || sending {
             let changed = self.grid.scan(&screen);
             if changed.iter().any(Option::is_some) {
-                self.fast_until = now + QUIET_AFTER;
+                self.active_at = now;
             }
             let (cols, rows) = self.grid.dims();
             for c in &mut self.clients {
                 c.session.mark_changed(&changed, cols, rows);
             }
-            let interval = if now < self.fast_until {
-                SCAN_FAST
-            } else {
-                SCAN_SLOW
-            };
-            self.next_scan = now + interval;
+            self.next_scan = now + Self::scan_interval(self.active_at, now);
         }
         let tiles = self.grid.dims();
         for c in &mut self.clients {
@@ -556,3 +575,60 @@ fn read_client(c: &mut Client, ctx: &mut Context<'_>, events: &mut Vec<Event>) {
 }
 
 use child::error_chain;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::InputQueue;
+
+    fn server(fb: &Vec<u8>) -> Server<'_, InputQueue> {
+        let setup = DisplaySetup {
+            width: 64,
+            height: 64,
+            max_width: 64,
+            max_height: 64,
+            framebuffer_bytes: 64 * 64 * 4,
+            password: None,
+            share: SharePolicy::AllowExclusive,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Server::new(fb, setup, "t".into(), listener, InputQueue::default())
+    }
+
+    #[test]
+    fn the_scan_interval_eases_from_fast_to_slow_to_idle_as_the_screen_stays_quiet() {
+        let t = Instant::now();
+        let at = |d: Duration| Server::<InputQueue>::scan_interval(t, t + d);
+        assert_eq!(at(Duration::ZERO), SCAN_FAST);
+        assert_eq!(
+            at(QUIET_AFTER.saturating_sub(Duration::from_millis(1))),
+            SCAN_FAST
+        );
+        assert_eq!(at(QUIET_AFTER), SCAN_SLOW);
+        assert_eq!(
+            at(IDLE_AFTER.saturating_sub(Duration::from_millis(1))),
+            SCAN_SLOW
+        );
+        assert_eq!(at(IDLE_AFTER), SCAN_IDLE);
+        assert_eq!(at(Duration::from_hours(1)), SCAN_IDLE);
+    }
+
+    #[test]
+    fn client_input_on_an_idle_screen_brings_the_next_scan_forward() {
+        let fb = vec![0u8; 64 * 64 * 4];
+        let mut s = server(&fb);
+        let long_ago = Instant::now();
+        s.active_at = long_ago;
+        s.next_scan = long_ago + Duration::from_mins(1);
+        let before = Instant::now();
+        s.handle_events(&[Event::Input]);
+        assert!(
+            s.next_scan <= Instant::now() + SCAN_FAST,
+            "fast again at once"
+        );
+        assert!(s.active_at >= before, "input counts as activity");
+        let soon = s.next_scan;
+        s.handle_events(&[Event::WantsExclusive]);
+        assert_eq!(s.next_scan, soon, "other events leave the clock alone");
+    }
+}

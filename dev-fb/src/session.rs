@@ -877,9 +877,9 @@ mod tests {
         let at = (10 * W as usize + 100) * 4;
         rig.fb[at] = 0xff;
         assert!(rig.scan_and_update(&mut s));
-        // Header, then one raw rectangle: just the changed pixel.
+        // Header, then one raw rectangle: the changed pixel's row of its 16-pixel span.
         assert_eq!(&s.out[..4], &[0, 0, 0, 1]);
-        assert_eq!(&s.out[4..12], &[0, 100, 0, 10, 0, 1, 0, 1]);
+        assert_eq!(&s.out[4..12], &[0, 96, 0, 10, 0, 16, 0, 1]);
         assert!(!s.wants_update());
     }
 

@@ -104,6 +104,21 @@ pub fn vncdo_capture(
     png: &Path,
     wants: &[Want],
 ) -> anyhow::Result<(String, Vec<Match>)> {
+    vncdo_capture_with_password(python, addr, format, png, wants, None, 120)
+}
+
+/// [`vncdo_capture`], answering VNC Authentication with `password` if given, giving up after
+/// `timeout_s` seconds (vncdotool waits that long when the server refuses it).
+pub fn vncdo_capture_with_password(
+    python: &Path,
+    addr: SocketAddr,
+    format: VncdoFormat,
+    png: &Path,
+    wants: &[Want],
+    password: Option<&str>,
+    timeout_s: u32,
+) -> anyhow::Result<(String, Vec<Match>)> {
+    let timeout = timeout_s.to_string();
     let server = format!("{}::{}", addr.ip(), addr.port());
     let bpp = format.bpp.to_string();
     let png = png.to_string_lossy();
@@ -116,10 +131,13 @@ pub fn vncdo_capture(
         "--encoding",
         format.encoding,
         "--timeout",
-        "120",
+        &timeout,
     ]
     .map(str::to_owned)
     .to_vec();
+    if let Some(password) = password {
+        args.extend(["--password".to_owned(), password.to_owned()]);
+    }
     args.extend(match_args(wants));
     let out = tools(python, &args)?;
     let report = out

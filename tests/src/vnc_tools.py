@@ -2,7 +2,8 @@
 
 Subcommands, each printing one result line on stdout:
 
-  capture HOST::PORT OUT.png [--bpp 32|16] [--encoding raw|zrle] [--timeout S] [--match M]...
+  capture HOST::PORT OUT.png [--bpp 32|16] [--encoding raw|zrle] [--timeout S] [--password P]
+          [--match M]...
       vncdotool (not capvm's code) connects, asks for the whole screen and saves it as a PNG.
       --bpp 16 makes vncdotool ask for its own 16-bpp format (BGR16 in vncdotool.client: RGB565,
       little endian), which it otherwise picks only for Apple Remote Desktop; vncdotool then
@@ -19,7 +20,7 @@ process as the capture saves a Python start, which is slow inside the emulated t
 import sys
 
 
-def capture(server, out, bpp, encoding, timeout, matches):
+def capture(server, out, bpp, encoding, timeout, matches, password=None):
     from vncdotool import api, client, rfb
 
     class Client(client.VNCDoToolClient):
@@ -35,7 +36,7 @@ def capture(server, out, bpp, encoding, timeout, matches):
     class Factory(client.VNCDoToolFactory):
         protocol = Client
 
-    conn = api.connect(server, password=None, factory_class=Factory, timeout=timeout)
+    conn = api.connect(server, password=password, factory_class=Factory, timeout=timeout)
     try:
         conn.captureScreen(out)
         screen = conn.protocol.screen
@@ -100,8 +101,9 @@ def main(argv):
         bpp = int(option(args, "--bpp", "32"))
         encoding = option(args, "--encoding", "raw")
         timeout = float(option(args, "--timeout", "60"))
+        password = option(args, "--password", None)
         server, out = args
-        capture(server, out, bpp, encoding, timeout, matches)
+        capture(server, out, bpp, encoding, timeout, matches, password)
     elif command == "xgrab":
         display, out = args
         xgrab(display, out, matches)

@@ -366,9 +366,12 @@ fn an_incremental_update_covers_a_repainted_region_and_not_the_whole_screen() {
         let mut covered = [false; 100];
         for round in 0..5 {
             let rects = c.read_update().unwrap();
-            let area: u32 = rects.iter().map(|r| u32::from(r.w) * u32::from(r.h)).sum();
-            // dev-fb sends the changed pixels' box, not whole tiles.
-            assert!(area <= 10 * 10, "{rects:?}: more than the repainted region");
+            // dev-fb sends the changed rows of the changed 16-pixel spans (x 288 to 320), not
+            // whole tiles.
+            for r in &rects {
+                let inside = r.x >= 288 && r.x + r.w <= 320 && r.y >= 200 && r.y + r.h <= 210;
+                assert!(inside, "{rects:?}: more than the repainted region's spans");
+            }
             for r in &rects {
                 for y in r.y..r.y + r.h {
                     for x in r.x..r.x + r.w {
@@ -410,8 +413,20 @@ fn two_clients_at_once_both_see_a_change() {
     }
     d.paint(0, 0, 64, 64, [255, 255, 255]);
     for c in [&mut a, &mut b] {
-        c.read_update().unwrap();
-        assert_eq!(c.pixel(5, 5), c.format.value_of([255, 255, 255]));
+        let white = c.format.value_of([255, 255, 255]);
+        // A scan may catch the paint half done (even miss row 5 while seeing later rows, as
+        // the paint overtakes a slow scan); the rest follows in the next update.
+        for round in 0..5 {
+            c.read_update().unwrap();
+            if c.pixel(5, 5) == white && c.pixel(63, 63) == white {
+                break;
+            }
+            assert!(
+                round < 4,
+                "five updates and the paint is still not all there"
+            );
+            c.request_all(true).unwrap();
+        }
     }
 }
 
@@ -716,7 +731,8 @@ fn an_idle_client_on_an_idle_screen_costs_almost_no_cpu() {
     let quiet = cpu_ticks(d.pid()) - before;
     // What real viewers do: an incremental request always outstanding.
     c.request_all(true).unwrap();
-    std::thread::sleep(Duration::from_millis(1500)); // past the fast-scan second
+    // Past the fast-scan second and the slow tier (3 s in all): one scan a second.
+    std::thread::sleep(Duration::from_millis(3500));
     let before = cpu_ticks(d.pid());
     std::thread::sleep(Duration::from_secs(2));
     let waiting = cpu_ticks(d.pid()) - before;
@@ -731,15 +747,75 @@ fn an_idle_client_on_an_idle_screen_costs_almost_no_cpu() {
         field("RssAnon"),
         field("RssShmem")
     );
-    // 100 ticks a second: 1 tick is 0.5% of one core over 2 s, 4 ticks 2%.
+    // 100 ticks a second: 1 tick is 0.5% of one core over 2 s. Two scans of 1024x768 take
+    // about 0.6 ms in a release build; an unoptimised one, about 60 ms.
     assert!(
         quiet <= 1,
         "dev-fb used {quiet} ticks in 2 s with nothing to do"
     );
+    let limit = if cfg!(debug_assertions) { 20 } else { 2 };
     assert!(
-        waiting <= 4,
+        waiting <= limit,
         "dev-fb used {waiting} ticks in 2 s on an idle screen"
     );
+}
+
+/// After a quiet spell dev-fb scans once a second: a change the guest makes on its own reaches
+/// a waiting client within that second, and client input brings the next scan forward to the
+/// fast rate (33 ms), so a change that follows input arrives at once.
+#[test]
+fn after_a_quiet_spell_a_change_arrives_within_a_second_and_one_after_input_at_once() {
+    if skip_unless_root() {
+        return;
+    }
+    let d = Display::start(&Options::default());
+    let mut c = d.connect();
+    c.request_all(false).unwrap();
+    c.read_update().unwrap();
+    // Past the fast second and the slow tier: the screen is idle (a scan a second).
+    let quiet = Duration::from_millis(3500);
+    let paint_and_wait = |c: &mut RfbClient, colour: [u8; 3], input: bool| {
+        c.request_all(true).unwrap();
+        std::thread::sleep(quiet);
+        if input {
+            c.pointer(0, 10, 10).unwrap();
+        }
+        d.paint(100, 100, 20, 20, colour);
+        let start = Instant::now();
+        assert!(c.wait_message(Duration::from_secs(5)).unwrap(), "no update");
+        let latency = start.elapsed();
+        // Read the whole change (a scan may catch the paint half done).
+        loop {
+            c.read_update().unwrap();
+            if c.pixel(119, 119) == c.format.value_of(colour) {
+                break;
+            }
+            c.request_all(true).unwrap();
+        }
+        latency
+    };
+    let idle = paint_and_wait(&mut c, [200, 0, 0], false);
+    let after_input = [
+        paint_and_wait(&mut c, [0, 200, 0], true),
+        paint_and_wait(&mut c, [0, 0, 200], true),
+    ];
+    eprintln!(
+        "MEASURE first update after a quiet spell: {idle:?} on its own, {after_input:?} after \
+         pointer input"
+    );
+    // 1 s between idle scans, plus time to encode and for a busy host.
+    assert!(
+        idle <= Duration::from_millis(1500),
+        "{idle:?} to the first update"
+    );
+    // A scan 33 ms after the input; by chance alone (a scan a second) both would be this
+    // quick one time in eleven.
+    for l in after_input {
+        assert!(
+            l <= Duration::from_millis(300),
+            "{l:?} to the first update after input"
+        );
+    }
 }
 
 #[test]
@@ -883,9 +959,13 @@ fn zlib_and_zrle_send_no_more_bytes_than_qemu_for_the_bench_pictures() {
             assert!(rects.iter().all(|r| r.encoding == enc), "{what}: {rects:?}");
             assert_picture(&client, picture, &what);
             if step == "small" {
+                // dev-fb finds changes per 16-pixel span of a row (as QEMU does): the box
+                // widened to whole spans, its rows exact.
                 let sent = [rects[0].x, rects[0].y, rects[0].w, rects[0].h];
-                let small = [SMALL.0, SMALL.1, SMALL.2, SMALL.3].map(|v| v as u16);
-                assert_eq!(sent, small, "{what}: only the box");
+                let (x0, x1) = (SMALL.0 / 16 * 16, (SMALL.0 + SMALL.2).div_ceil(16) * 16);
+                let spans = [x0, SMALL.1, x1 - x0, SMALL.3].map(|v| v as u16);
+                assert_eq!(rects.len(), 1, "{what}: {rects:?}");
+                assert_eq!(sent, spans, "{what}: only the box's spans");
             }
             let limit = qemu.map(|(z, r)| if enc == ZLIB { z } else { r });
             table.push(format!(
@@ -923,7 +1003,8 @@ fn an_idle_client_at_1600x900_costs_little_cpu_and_memory() {
     c.request_all(false).unwrap();
     read_slow_update(&mut c, "first picture");
     c.request_all(true).unwrap();
-    std::thread::sleep(Duration::from_millis(1500)); // past the fast-scan second
+    // Past the fast-scan second and the slow tier: the screen is idle.
+    std::thread::sleep(Duration::from_millis(3500));
     let before = cpu_ticks(d.pid());
     let window = Instant::now();
     std::thread::sleep(Duration::from_secs(10));
@@ -949,15 +1030,86 @@ fn an_idle_client_at_1600x900_costs_little_cpu_and_memory() {
         "MEASURE dev-fb idle at {W}x{H}: {ticks} ticks in {secs:.1} s = {pct:.2}% of a core; \
          VmRSS {rss} kB, RssAnon {anon} kB, RssShmem {shmem} kB (framebuffer {fb_kb} kB)"
     );
-    // A scan every 200 ms reads and compares the 5.6 MB picture: about 1.5% of a core.
+    // Idle, a scan a second hashes the 5.6 MB picture in under 1 ms (release): 0.1% of a
+    // core, 1 tick in 10 s. 5 ticks leave room for a busy host; the old shadow copy scanned
+    // every 200 ms cost 7. An unoptimised dev-fb (a debug test run) takes about 50 ms a scan
+    // unless the workspace optimises xxhash-rust in dev builds, so it gets 10% of a core.
+    let limit = if cfg!(debug_assertions) { 100 } else { 5 };
     assert!(
-        pct <= 3.0,
-        "dev-fb used {pct:.2}% of a core on an idle screen"
+        ticks <= limit,
+        "dev-fb used {ticks} ticks ({pct:.2}% of a core) in 10 s on an idle screen"
     );
-    // The target: 8 MiB plus the framebuffer, which dev-fb maps (shared) and shadows (its own
-    // copy, to find changes).
+    // The target (issue 7): 8 MiB plus the framebuffer, which dev-fb maps shared.
     assert!(
-        rss <= 8 * 1024 + 2 * fb_kb,
-        "VmRSS {rss} kB over 8 MiB + the framebuffer and its shadow ({fb_kb} kB each)"
+        rss <= 8 * 1024 + fb_kb,
+        "VmRSS {rss} kB over 8 MiB + the framebuffer ({fb_kb} kB)"
     );
+}
+
+/// Real clients (vncdotool from `PyPI`, not our code) against VNC Authentication: two capture
+/// the screen at the same time with the password and both see exactly the painted block; a
+/// wrong password gets no picture, and dev-fb serves on.
+#[test]
+fn vncdotool_clients_with_the_password_capture_at_once_and_a_wrong_password_gets_nothing() {
+    use tests::real_vnc::{VncdoFormat, vncdo_capture_with_password};
+    if skip_unless_root() {
+        return;
+    }
+    let python = match tests::real_vnc::python() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+    let d = Display::start(&Options {
+        password: Some("s3cret"),
+        ..Options::default()
+    });
+    let colour = [0xe0, 0x30, 0x10];
+    d.paint(0, 0, WIDTH, 64, colour);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let format = VncdoFormat {
+        bpp: 32,
+        encoding: "zrle",
+    };
+    let capture = |name: &str, password: &'static str, timeout_s: u32| {
+        let (python, addr) = (python.clone(), d.addr);
+        let png = dir.path().join(format!("{name}.png"));
+        std::thread::spawn(move || {
+            vncdo_capture_with_password(
+                &python,
+                addr,
+                format,
+                &png,
+                &[(colour, 0)],
+                Some(password),
+                timeout_s,
+            )
+        })
+    };
+    let both = [capture("a", "s3cret", 120), capture("b", "s3cret", 120)];
+    for (i, c) in both.into_iter().enumerate() {
+        let (report, found) = c
+            .join()
+            .expect("capture thread")
+            .unwrap_or_else(|e| panic!("client {i} with the password: {e:#}"));
+        assert!(report.contains("640x480"), "client {i}: {report}");
+        let block = found.first().expect("a match line");
+        assert_eq!(
+            (block.count, block.bounds),
+            (u64::from(WIDTH) * 64, Some([0, 0, WIDTH, 64])),
+            "client {i}: the painted block"
+        );
+    }
+    // vncdotool does not give up when refused: it waits out its timeout.
+    let wrong = capture("wrong", "not-it", 10)
+        .join()
+        .expect("capture thread");
+    assert!(wrong.is_err(), "a wrong password got a picture: {wrong:?}");
+    assert!(
+        !d.log_text().contains("s3cret"),
+        "the password is never logged"
+    );
+    d.assert_serves_with(&Security::Vnc("s3cret".into()));
 }
