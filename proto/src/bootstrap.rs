@@ -105,10 +105,9 @@ pub enum FdRole {
 }
 
 impl FdRole {
-    /// Whether a child may receive more than one fd of this role: the runner's device
-    /// channels, and the queues of a multi-queue tap (one per virtio-net queue pair).
+    /// Whether a child may receive more than one fd of this role.
     pub fn may_repeat(self) -> bool {
-        matches!(self, FdRole::DeviceChannel | FdRole::Tap)
+        matches!(self, FdRole::DeviceChannel)
     }
 }
 

@@ -1,6 +1,4 @@
-//! The host side of a guest's NICs, for the whole run: one tap per `networkN`, with one
-//! queue (fd) per virtio-net queue pair ([`queue_pairs`]: one unless
-//! `CAPVM_NET_QUEUE_PAIRS` asks for more).
+//! The host side of a guest's NICs, for the whole run: one tap per `networkN`.
 //!
 //! A NIC on a switch (or on none) gets a tap made by a sandboxed netcfg that this run starts
 //! (allowed to touch the switches' bridges and this guest's taps only): it first deletes taps
@@ -18,10 +16,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use proto::device::MAX_NET_QUEUE_PAIRS;
 use proto::netcfg::{NetcfgSetup, validate_ifname};
-
-use super::devices::TapRef;
 
 use crate::netcfg_client::{NetcfgClient, NetcfgClientError};
 use crate::preflight::{BootPlan, DEFAULT_MTU, NicBackend};
@@ -61,54 +56,9 @@ pub struct Tap {
     /// The `N` of `networkN`.
     pub index: u32,
     pub name: String,
-    /// One fd per queue of the tap, one queue per virtio-net queue pair; never empty.
-    pub fds: Vec<OwnedFd>,
+    pub fd: OwnedFd,
     /// The MTU the device offers the guest.
     pub mtu: u16,
-}
-
-impl Tap {
-    /// The tap as a boot's dev-net gets it.
-    pub fn tap_ref(&self) -> TapRef<'_> {
-        TapRef {
-            fds: self.fds.iter().map(AsFd::as_fd).collect(),
-            mtu: self.mtu,
-        }
-    }
-}
-
-/// Environment variable that sets the virtio-net queue pairs of every NIC netcfg makes a
-/// tap for: a number (1..=[`MAX_NET_QUEUE_PAIRS`]) or `cpus` (one per vCPU), instead of
-/// [`DEFAULT_QUEUE_PAIRS`]. Read by the per-VM supervisor when the run starts.
-pub const NET_QUEUE_PAIRS_ENV: &str = "CAPVM_NET_QUEUE_PAIRS";
-
-/// Queue pairs of a NIC unless [`NET_QUEUE_PAIRS_ENV`] says otherwise: one.
-///
-/// Decided by measurement (`scripts/bench-net.sh --mq`, 2 vCPUs, iperf3 -P 2 both ways,
-/// inside the test host, the only place this machine runs guests): one pair per vCPU was not
-/// faster — TCP medians 77 against 72 Mbit/s guest→host and 63 against 77 host→guest, with
-/// run-to-run spread of 3× — and pings were 1.5–1.8× slower (more threads waking on the
-/// same two emulated CPUs). Multi-queue works end to end (tests/tests/network.rs runs a
-/// guest with `cpus`) and is one setting away; where vCPUs and dev-net's pair threads get
-/// real CPUs of their own it should pay, but that is not measured here.
-pub const DEFAULT_QUEUE_PAIRS: u16 = 1;
-
-/// Queue pairs of a guest NIC with `cpus` vCPUs: [`DEFAULT_QUEUE_PAIRS`], or what `env` (the
-/// value of [`NET_QUEUE_PAIRS_ENV`]) asks for: `cpus` for one per vCPU (each vCPU sends and
-/// receives on its own queue, dev-net serves each pair on its own thread), or a number; at
-/// most [`MAX_NET_QUEUE_PAIRS`]. A value it cannot read is ignored.
-pub fn queue_pairs(cpus: u32, env: Option<&str>) -> u16 {
-    let max = u32::from(MAX_NET_QUEUE_PAIRS);
-    let wanted = match env.map(str::trim) {
-        Some("cpus") => cpus,
-        Some(v) => v
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=max).contains(n))
-            .unwrap_or(u32::from(DEFAULT_QUEUE_PAIRS)),
-        None => u32::from(DEFAULT_QUEUE_PAIRS),
-    };
-    u16::try_from(wanted.clamp(1, max)).unwrap_or(1)
 }
 
 /// The taps of a running guest and the netcfg that made them.
@@ -147,8 +97,6 @@ impl GuestNetwork {
             deleted = client.delete_taps().map_err(NetworkError::Cleanup)?;
             net.netcfg = Some(client);
         }
-        let env_pairs = std::env::var(NET_QUEUE_PAIRS_ENV).ok();
-        let pairs = queue_pairs(plan.cpus, env_pairs.as_deref());
         for nic in &plan.nics {
             let index = nic.index;
             let tap = match &nic.backend {
@@ -158,8 +106,8 @@ impl GuestNetwork {
                     let Some(client) = net.netcfg.as_mut() else {
                         continue;
                     };
-                    let (tap_name, fds) = client
-                        .create_tap(bridge.as_deref(), nic_number, *mtu, pairs)
+                    let (tap_name, fd) = client
+                        .create_tap(bridge.as_deref(), nic_number, *mtu)
                         .map_err(|source| NetworkError::CreateTap { index, source })?;
                     // The tap took the bridge's MTU when the switch sets none.
                     let live_mtu = client
@@ -172,7 +120,7 @@ impl GuestNetwork {
                     Tap {
                         index,
                         name: tap_name,
-                        fds,
+                        fd,
                         mtu: device_mtu(live_mtu),
                     }
                 }
@@ -182,11 +130,10 @@ impl GuestNetwork {
                         device: device.clone(),
                         source,
                     })?;
-                    // Someone else's tap: single-queue, as it was made.
                     Tap {
                         index,
                         name: device.clone(),
-                        fds: vec![fd],
+                        fd,
                         mtu: device_mtu(sysfs_mtu(device).unwrap_or(DEFAULT_MTU)),
                     }
                 }
@@ -196,9 +143,9 @@ impl GuestNetwork {
         Ok((net, deleted))
     }
 
-    /// The taps as a boot's dev-nets get them, in NIC order.
-    pub fn tap_refs(&self) -> Vec<TapRef<'_>> {
-        self.taps.iter().map(Tap::tap_ref).collect()
+    /// The taps' fds, in NIC order.
+    pub fn tap_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.taps.iter().map(|t| t.fd.as_fd()).collect()
     }
 
     /// Closes every tap and asks netcfg to delete what is left of this guest's; returns the
@@ -287,21 +234,6 @@ mod tests {
     fn ifreq_has_the_kernel_layout() {
         assert_eq!(std::mem::size_of::<IfReq>(), 40);
         assert_eq!(std::mem::offset_of!(IfReq, flags), 16);
-    }
-
-    #[test]
-    fn queue_pairs_are_one_unless_the_environment_asks_for_more() {
-        assert_eq!(queue_pairs(1, None), 1);
-        assert_eq!(queue_pairs(4, None), DEFAULT_QUEUE_PAIRS);
-        assert_eq!(queue_pairs(2, Some("cpus")), 2);
-        assert_eq!(queue_pairs(0, Some("cpus")), 1);
-        assert_eq!(queue_pairs(64, Some("cpus")), MAX_NET_QUEUE_PAIRS);
-        assert_eq!(queue_pairs(4, Some("1")), 1);
-        assert_eq!(queue_pairs(1, Some(" 3\n")), 3);
-        // A value out of range or not a number is ignored.
-        assert_eq!(queue_pairs(2, Some("0")), DEFAULT_QUEUE_PAIRS);
-        assert_eq!(queue_pairs(2, Some("99")), DEFAULT_QUEUE_PAIRS);
-        assert_eq!(queue_pairs(2, Some("x")), DEFAULT_QUEUE_PAIRS);
     }
 
     #[test]
