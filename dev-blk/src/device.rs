@@ -19,6 +19,7 @@ use crate::disk::{Disk, DiskError, FileDisk};
 use crate::inflight::{InflightError, QueueLog, Region};
 use crate::queue_loop::{self, QueueHandle, Rings, Shared};
 use crate::request::Context;
+use crate::uring::{self, LoopHandle, Served};
 
 /// Why the device could not start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +41,26 @@ pub enum DeviceError {
 }
 
 /// The descriptors the device process holds.
-#[derive(Debug)]
 pub struct DeviceFds {
     pub memory: OwnedFd,
     pub disk: OwnedFd,
     pub runner: Channel,
     /// The supervisor's in-flight region; without it a restart replays nothing.
     pub inflight: Option<OwnedFd>,
+    /// Restricted rings made before capability mode ([`uring::make_rings`]); without any the
+    /// device serves with the worker pool.
+    pub rings: Vec<io_uring::IoUring>,
+}
+
+impl std::fmt::Debug for DeviceFds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceFds")
+            .field("memory", &self.memory)
+            .field("disk", &self.disk)
+            .field("inflight", &self.inflight)
+            .field("rings", &self.rings.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A configured device, serving its runner channel.
@@ -55,10 +69,13 @@ pub struct Device {
     geometry: DiskGeometry,
     serial: Vec<u8>,
     mem: Arc<GuestMemoryMmap>,
-    disk: Arc<dyn Disk>,
+    disk: Arc<FileDisk>,
     runner: Arc<Channel>,
     inflight: Arc<Region>,
+    /// Idle rings; a running serving thread holds its own.
+    rings: Vec<io_uring::IoUring>,
     queues: Vec<QueueHandle>,
+    loops: Vec<LoopHandle>,
 }
 
 impl std::fmt::Debug for Device {
@@ -66,6 +83,7 @@ impl std::fmt::Debug for Device {
         f.debug_struct("Device")
             .field("geometry", &self.geometry)
             .field("queues", &self.queues.len())
+            .field("rings", &(self.rings.len() + self.loops.len()))
             .finish_non_exhaustive()
     }
 }
@@ -101,7 +119,9 @@ impl Device {
             disk: Arc::new(disk),
             runner: Arc::new(fds.runner),
             inflight: Arc::new(inflight),
+            rings: fds.rings,
             queues: Vec::new(),
+            loops: Vec::new(),
         })
     }
 
@@ -115,6 +135,12 @@ impl Device {
             sectors = self.geometry.sectors(),
             read_only = self.geometry.read_only,
             queues = self.geometry.queues,
+            engine = if self.rings.is_empty() {
+                "worker pool"
+            } else {
+                "io_uring"
+            },
+            rings = self.rings.len(),
             "virtio-blk device ready"
         );
         loop {
@@ -219,19 +245,14 @@ impl Device {
             write_zeroes: features & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
         });
         let runner = Arc::clone(&self.runner);
-        let shared = Shared {
-            mem: Arc::clone(&self.mem),
-            disk: Arc::clone(&self.disk),
-            ctx,
-            workers: queue_loop::WORKERS_PER_QUEUE,
-            on_broken: Arc::new(move |index, e| {
-                let reason = format!("queue {index}: {}", error_chain(e));
-                tracing::warn!(%reason, "device needs reset");
-                let _ = runner.send(&FromDevice::needs_reset(&reason), &[]);
-            }),
-        };
+        let on_broken: Arc<queue_loop::BrokenHook> = Arc::new(move |index, e| {
+            let reason = format!("queue {index}: {}", error_chain(e));
+            tracing::warn!(%reason, "device needs reset");
+            let _ = runner.send(&FromDevice::needs_reset(&reason), &[]);
+        });
         let event_idx = features & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut fds = fds.into_iter();
+        let mut served = Vec::with_capacity(configs.len());
         for c in configs {
             let mut queue = build_queue(c, event_idx, &self.mem)?;
             let (Some(kick), Some(call)) = (fds.next(), fds.next()) else {
@@ -257,15 +278,52 @@ impl Device {
                 log.begin(c, queue.next_avail());
                 Vec::new()
             };
-            let rings = Rings {
-                kick,
-                call,
-                log,
-                replay,
+            served.push(Served {
+                index: c.index,
+                queue,
+                rings: Rings {
+                    kick,
+                    call,
+                    log,
+                    replay,
+                },
+            });
+        }
+        if self.rings.is_empty() {
+            let shared = Shared {
+                mem: Arc::clone(&self.mem),
+                disk: Arc::clone(&self.disk) as Arc<dyn Disk>,
+                ctx,
+                workers: queue_loop::WORKERS_PER_QUEUE,
+                on_broken,
             };
-            let handle = queue_loop::start(c.index, queue, rings, shared.clone())
-                .map_err(|e| error_chain(&e))?;
-            self.queues.push(handle);
+            for s in served {
+                let handle = queue_loop::start(s.index, s.queue, s.rings, shared.clone())
+                    .map_err(|e| error_chain(&e))?;
+                self.queues.push(handle);
+            }
+            return Ok(());
+        }
+        // Queues share the rings round-robin: queue i is served by ring i % rings.
+        let threads = self.rings.len().min(served.len());
+        let mut groups: Vec<Vec<Served>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, s) in served.into_iter().enumerate() {
+            if let Some(g) = groups.get_mut(i % threads.max(1)) {
+                g.push(s);
+            }
+        }
+        let shared = uring::Shared {
+            mem: Arc::clone(&self.mem),
+            disk: Arc::clone(&self.disk),
+            ctx,
+            on_broken,
+        };
+        for group in groups {
+            let Some(ring) = self.rings.pop() else {
+                return Err("no ring left".into());
+            };
+            let handle = uring::start(ring, group, shared.clone()).map_err(|e| error_chain(&e))?;
+            self.loops.push(handle);
         }
         Ok(())
     }
@@ -273,6 +331,13 @@ impl Device {
     fn stop_queues(&mut self) {
         for q in self.queues.drain(..) {
             q.stop();
+        }
+        for l in self.loops.drain(..) {
+            if let Some(ring) = l.stop() {
+                self.rings.push(ring);
+            } else {
+                tracing::warn!("a ring failed; serving with fewer");
+            }
         }
     }
 }

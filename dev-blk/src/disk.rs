@@ -149,7 +149,7 @@ impl FileDisk {
     }
 
     /// Transfers `iovs` (pointing into guest memory kept mapped by the caller's guards).
-    fn transfer_iovs(
+    pub(crate) fn transfer_iovs(
         &self,
         offset: u64,
         iovs: &mut [libc::iovec],
@@ -215,7 +215,7 @@ impl FileDisk {
 }
 
 /// Drops `done` bytes from the front of `iovs[first..]`; returns the new first iovec.
-fn advance(iovs: &mut [libc::iovec], mut first: usize, mut done: usize) -> usize {
+pub(crate) fn advance(iovs: &mut [libc::iovec], mut first: usize, mut done: usize) -> usize {
     while let Some(iov) = iovs.get_mut(first) {
         if done < iov.iov_len {
             iov.iov_base = iov.iov_base.cast::<u8>().wrapping_add(done).cast();

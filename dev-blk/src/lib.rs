@@ -10,8 +10,11 @@
 //! - [`request`]: the pure request path — chain → [`request::Request`] → status + used length.
 //! - [`disk`]: the [`disk::Disk`] trait and its file implementation (`preadv`/`pwritev` straight
 //!   into guest memory, `fdatasync`, `fallocate`).
-//! - [`queue_loop`]: a leader/follower set of worker threads per virtqueue (kick/call
-//!   eventfds, `EVENT_IDX`): each worker pops a chain, runs it and publishes its completion.
+//! - [`uring`]: the opt-in engine (`CAPVM_BLK_IO=uring`): one restricted `io_uring` per
+//!   serving thread (made before capability mode), the queue's chains in flight at once.
+//! - [`queue_loop`]: the default engine, a leader/follower set of worker threads per virtqueue
+//!   (kick/call eventfds, `EVENT_IDX`): each worker pops a chain, runs it and publishes its
+//!   completion.
 //! - [`config`]: feature bits and the configuration space.
 //! - [`device`]: the control side (`Info`, `Activate`, `Reset`).
 //!
@@ -26,6 +29,9 @@ pub mod disk;
 pub mod inflight;
 pub mod queue_loop;
 pub mod request;
+pub mod uring;
+
+use std::os::fd::AsRawFd;
 
 use proto::bootstrap::FdRole;
 use proto::channel::{Channel, ChannelError};
@@ -55,11 +61,22 @@ pub enum RunError {
 /// Runs the process: bootstrap, capability mode, device setup, then serve until the
 /// supervisor or the runner hangs up.
 pub fn run() -> Result<(), RunError> {
-    let mut started = child::start(child::ChildKind {
-        role_name: ROLE,
-        policy: SECCOMP_POLICY,
-        threads: true,
-    })?;
+    // With `CAPVM_BLK_IO=uring` the rings are made before capability mode, which forbids
+    // `io_uring_setup`: one per host CPU (up to `uring::MAX_RINGS`); a device with fewer
+    // queues leaves some idle.
+    let mut rings = Vec::new();
+    let mut started = child::start_with(
+        child::ChildKind {
+            role_name: ROLE,
+            policy: SECCOMP_POLICY,
+            threads: true,
+        },
+        &mut |_| {
+            let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+            rings = uring::make_rings(cpus);
+            rings.iter().map(AsRawFd::as_raw_fd).collect()
+        },
+    )?;
     let Some(setup) =
         child::recv_setup::<DeviceSetup>(&started.channel).map_err(RunError::Setup)?
     else {
@@ -74,6 +91,7 @@ pub fn run() -> Result<(), RunError> {
         disk: take(FdRole::Disk)?,
         runner: Channel::from_fd(take(FdRole::DeviceChannel)?),
         inflight: started.take_fd(&FdRole::InflightRegion),
+        rings,
     };
     let device = Device::new(&setup, fds)?;
     device.serve(&started.channel)?;

@@ -340,18 +340,7 @@ impl Core {
     /// Pops the next new chain, re-enabling notifications when the ring is empty (and
     /// popping what arrived meanwhile, §2.7.10).
     fn pop(&self, st: &mut State) -> Result<Option<Taken>, QueueError> {
-        let mem = &*self.shared.mem;
-        loop {
-            st.queue.disable_notification(mem)?;
-            let pos = st.queue.next_avail();
-            if let Some((head, req)) = pop_request(&mut st.queue, mem)? {
-                st.log.taken(pos, head);
-                return Ok(Some((head, req)));
-            }
-            if !st.queue.enable_notification(mem)? {
-                return Ok(None);
-            }
-        }
+        pop_logged(&mut st.queue, &st.log, &self.shared.mem)
     }
 
     /// Whether chains or replays wait beyond the one just taken.
@@ -407,6 +396,26 @@ impl Core {
             drain_eventfd(&mut kick);
         }
         Ok(())
+    }
+}
+
+/// Pops the next new chain and records it as taken in `log`, re-enabling notifications when
+/// the ring is empty (and popping what arrived meanwhile, §2.7.10).
+pub fn pop_logged(
+    queue: &mut Queue,
+    log: &QueueLog,
+    mem: &GuestMemoryMmap,
+) -> Result<Option<(u16, Request)>, QueueError> {
+    loop {
+        queue.disable_notification(mem)?;
+        let pos = queue.next_avail();
+        if let Some((head, req)) = pop_request(queue, mem)? {
+            log.taken(pos, head);
+            return Ok(Some((head, req)));
+        }
+        if !queue.enable_notification(mem)? {
+            return Ok(None);
+        }
     }
 }
 

@@ -196,27 +196,85 @@ pub fn execute(req: &Request, mem: &GuestMemoryMmap, disk: &dyn Disk, ctx: &Cont
     }
 }
 
+/// How a request runs: the plain reads, writes and flushes an asynchronous engine submits
+/// itself, or anything else, run synchronously with [`execute`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan<'r> {
+    /// Fill `segs` (`len` bytes in all) from the disk at byte `offset`.
+    Read {
+        offset: u64,
+        segs: &'r [Segment],
+        len: u32,
+    },
+    /// Write `segs` to the disk at byte `offset`.
+    Write { offset: u64, segs: &'r [Segment] },
+    /// Make completed writes durable.
+    Flush,
+    /// Fails at once with this status.
+    Fail(u32),
+    /// Anything else (`GET_ID`, discard, write-zeroes, an unknown type): run by [`execute`].
+    Other,
+}
+
+/// Checks `req` against the disk and the negotiated context, and says how it runs.
+pub fn plan<'r>(req: &'r Request, ctx: &Context, disk_size: u64) -> Plan<'r> {
+    let Some(header) = req.header else {
+        return Plan::Fail(VIRTIO_BLK_S_IOERR);
+    };
+    match header.kind {
+        VIRTIO_BLK_T_IN => match data_range(header.sector, &req.data_in, disk_size) {
+            Ok((offset, len)) => match u32::try_from(len) {
+                Ok(len) => Plan::Read {
+                    offset,
+                    segs: &req.data_in,
+                    len,
+                },
+                Err(_) => Plan::Fail(VIRTIO_BLK_S_IOERR),
+            },
+            Err(status) => Plan::Fail(status),
+        },
+        VIRTIO_BLK_T_OUT if ctx.read_only => Plan::Fail(VIRTIO_BLK_S_IOERR),
+        VIRTIO_BLK_T_OUT => match data_range(header.sector, &req.data_out, disk_size) {
+            Ok((offset, _)) => Plan::Write {
+                offset,
+                segs: &req.data_out,
+            },
+            Err(status) => Plan::Fail(status),
+        },
+        VIRTIO_BLK_T_FLUSH => Plan::Flush,
+        _ => Plan::Other,
+    }
+}
+
 /// Returns the bytes written into `data_in`, or the failure status.
 fn run(req: &Request, mem: &GuestMemoryMmap, disk: &dyn Disk, ctx: &Context) -> Result<u32, u32> {
-    let header = req.header.ok_or(VIRTIO_BLK_S_IOERR)?;
-    match header.kind {
-        VIRTIO_BLK_T_IN => {
-            let (offset, len) = data_range(header.sector, &req.data_in, disk.size())?;
-            with_slices(mem, &req.data_in, |slices| disk.read_into(offset, slices))?;
-            u32::try_from(len).map_err(|_| VIRTIO_BLK_S_IOERR)
+    match plan(req, ctx, disk.size()) {
+        Plan::Read { offset, segs, len } => {
+            with_slices(mem, segs, |slices| disk.read_into(offset, slices))?;
+            Ok(len)
         }
-        VIRTIO_BLK_T_OUT => {
-            if ctx.read_only {
-                return Err(VIRTIO_BLK_S_IOERR);
-            }
-            let (offset, _) = data_range(header.sector, &req.data_out, disk.size())?;
-            with_slices(mem, &req.data_out, |slices| disk.write_from(offset, slices))?;
+        Plan::Write { offset, segs } => {
+            with_slices(mem, segs, |slices| disk.write_from(offset, slices))?;
             Ok(0)
         }
-        VIRTIO_BLK_T_FLUSH => {
+        Plan::Flush => {
             disk.flush().map_err(|_| VIRTIO_BLK_S_IOERR)?;
             Ok(0)
         }
+        Plan::Fail(status) => Err(status),
+        Plan::Other => run_other(req, mem, disk, ctx),
+    }
+}
+
+/// The request types [`plan`] leaves to [`execute`].
+fn run_other(
+    req: &Request,
+    mem: &GuestMemoryMmap,
+    disk: &dyn Disk,
+    ctx: &Context,
+) -> Result<u32, u32> {
+    let header = req.header.ok_or(VIRTIO_BLK_S_IOERR)?;
+    match header.kind {
         VIRTIO_BLK_T_GET_ID => {
             let want = total_len(&req.data_in).min(u64::from(VIRTIO_BLK_ID_BYTES));
             if want == 0 {
@@ -335,7 +393,7 @@ fn ranges(req: &Request, mem: &GuestMemoryMmap, disk: &dyn Disk, discard: bool) 
 
 /// Builds bounds-checked slices of guest memory for `segs` (splitting at region boundaries)
 /// and hands them to `io`.
-fn with_slices<E>(
+pub fn with_slices<E>(
     mem: &GuestMemoryMmap,
     segs: &[Segment],
     io: impl FnOnce(&[VolatileSlice<'_>]) -> Result<(), E>,

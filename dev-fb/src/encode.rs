@@ -205,29 +205,37 @@ impl Encoder {
                 }
                 Ok(())
             }
-            Encoding::Zlib => {
-                header(out, rect, number::ZLIB);
-                let len_at = out.len();
-                out.extend_from_slice(&[0; 4]);
-                let level = self.level;
-                let mut stream = self.zlib.take().unwrap_or_else(|| Stream::new(level));
-                let res = self.zlib_data(&mut stream, screen, rect, conv, out);
-                self.zlib = Some(stream);
-                res?;
-                patch_len(out, len_at)
-            }
-            Encoding::Zrle => {
-                header(out, rect, number::ZRLE);
-                let len_at = out.len();
-                out.extend_from_slice(&[0; 4]);
-                let level = self.level;
-                let mut stream = self.zrle.take().unwrap_or_else(|| Stream::new(level));
-                let res = self.zrle_data(&mut stream, screen, rect, conv, out);
-                self.zrle = Some(stream);
-                res?;
-                patch_len(out, len_at)
-            }
+            Encoding::Zlib => self.deflated_rect(number::ZLIB, screen, rect, conv, out),
+            Encoding::Zrle => self.deflated_rect(number::ZRLE, screen, rect, conv, out),
         }
+    }
+
+    /// A Zlib or ZRLE rectangle (`number`): the header, a length patched in afterwards, and
+    /// the data deflated through that encoding's own stream, which lives as long as the
+    /// connection (RFC 6143 §7.7.2, §7.7.6).
+    fn deflated_rect(
+        &mut self,
+        number: i32,
+        screen: &Screen<'_>,
+        rect: Rect,
+        conv: &Converter,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
+        header(out, rect, number);
+        let len_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let zrle = number == number::ZRLE;
+        let slot = if zrle { &mut self.zrle } else { &mut self.zlib };
+        let level = self.level;
+        let mut stream = slot.take().unwrap_or_else(|| Stream::new(level));
+        let res = if zrle {
+            self.zrle_data(&mut stream, screen, rect, conv, out)
+        } else {
+            self.zlib_data(&mut stream, screen, rect, conv, out)
+        };
+        *(if zrle { &mut self.zrle } else { &mut self.zlib }) = Some(stream);
+        res?;
+        patch_len(out, len_at)
     }
 
     /// Reads row `y` of `rect` into `self.row`.

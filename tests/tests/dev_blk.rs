@@ -663,6 +663,42 @@ fn the_serving_process_is_sandboxed() {
         .any(|m| m.ino() == disk);
     assert!(held);
     let _ = h.disk.as_file().read_at(&mut [0; 1], 0);
+    // With CAPVM_BLK_IO=uring, where the kernel allows rings, the device serves through
+    // restricted rings it made before capability mode (it cannot make one after:
+    // io_uring_setup is not in its policy); otherwise through its worker pool.
+    let threads: Vec<String> = fs::read_dir(format!("/proc/{}/task", h.pid()))
+        .expect("tasks")
+        .filter_map(|e| fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    let rings = fs::read_dir(format!("/proc/{}/fd", h.pid()))
+        .expect("fds")
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy() == "anon_inode:[io_uring]")
+        .count();
+    let uring_allowed = fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .is_ok_and(|v| v.trim() == "0")
+        && std::env::var("CAPVM_BLK_IO").is_ok_and(|v| v == "uring");
+    if uring_allowed {
+        assert!(
+            h.log_text().contains("engine=\"io_uring\""),
+            "{}",
+            h.log_text()
+        );
+        assert!(threads.iter().any(|t| t == "blk-uring-q0"), "{threads:?}");
+        assert!(rings >= 1, "no ring held");
+    } else {
+        assert!(
+            h.log_text().contains("engine=\"worker pool\""),
+            "{}",
+            h.log_text()
+        );
+        assert!(
+            threads.iter().any(|t| t.starts_with("blk-q0-")),
+            "{threads:?}"
+        );
+        assert_eq!(rings, 0);
+    }
 }
 
 /// A loop device over an image file, detached on drop.

@@ -87,6 +87,8 @@ struct Args {
     dir: PathBuf,
     /// Workload names to run (all when empty).
     only: Vec<String>,
+    /// Also run a second dev-blk with the other I/O engine (`CAPVM_BLK_IO`), interleaved.
+    compare_engines: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -96,9 +98,14 @@ fn parse_args() -> anyhow::Result<Args> {
         size: 1024 * MIB,
         dir: PathBuf::from("/var/tmp"),
         only: Vec::new(),
+        compare_engines: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--compare-engines" {
+            a.compare_engines = true;
+            continue;
+        }
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--rounds" => a.rounds = value.parse::<usize>()?.max(1),
@@ -404,6 +411,9 @@ fn process_ticks(path: &str) -> u64 {
 struct Round {
     host: f64,
     dev_blk: f64,
+    /// The second dev-blk's rate and CPU per request (`--compare-engines`).
+    other: f64,
+    other_us: f64,
     /// CPU per request, µs: the host's threads, dev-blk, the driver.
     host_us: f64,
     dev_blk_us: f64,
@@ -416,6 +426,7 @@ struct Round {
 
 fn measure(
     dev: &mut DevBlk,
+    other: Option<&mut DevBlk>,
     image: &std::path::Path,
     w: Workload,
     args: &Args,
@@ -438,12 +449,23 @@ fn measure(
         let log = fs::read_to_string(dev.log.path()).unwrap_or_default();
         e.context(format!("{}; dev-blk log:\n{log}", w.name))
     })?;
+    let dev_blk_us = us_per(dev.cpu_ticks().saturating_sub(cpu), requests);
+    let driver_us = us_per(process_ticks(me).saturating_sub(driver), requests);
+    let (mut other_rate, mut other_us) = (0.0, 0.0);
+    if let Some(o) = other {
+        let cpu = o.cpu_ticks();
+        let (rate, requests) = o.run(w, args.size, args.secs)?;
+        other_rate = rate;
+        other_us = us_per(o.cpu_ticks().saturating_sub(cpu), requests);
+    }
     Ok(Round {
         host,
         dev_blk,
+        other: other_rate,
+        other_us,
         host_us,
-        dev_blk_us: us_per(dev.cpu_ticks().saturating_sub(cpu), requests),
-        driver_us: us_per(process_ticks(me).saturating_sub(driver), requests),
+        dev_blk_us,
+        driver_us,
         switches: per(
             (switches(&dev_pid) + switches("self")).saturating_sub(switched),
             requests,
@@ -472,7 +494,26 @@ fn report(w: Workload, rounds: &[Round]) -> f64 {
         med(|r| r.kicks),
         med(|r| r.interrupts),
     );
+    let other = med(|r| r.other);
+    if other > 0.0 {
+        println!(
+            "MEASURE {:<14} other engine ({}) {other:>10.1} {unit}  ratio {:>5.1}%  CPU {:>5.1} us/request",
+            w.name,
+            other_engine(),
+            other / host * 100.0,
+            med(|r| r.other_us),
+        );
+    }
     ratio
+}
+
+/// The engine the second dev-blk of `--compare-engines` runs: the one the first does not.
+fn other_engine() -> &'static str {
+    if std::env::var("CAPVM_BLK_IO").is_ok_and(|v| v == "uring") {
+        "threads"
+    } else {
+        "uring"
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -493,6 +534,22 @@ fn main() -> anyhow::Result<()> {
         args.secs
     );
     let mut dev = DevBlk::start(image.path())?;
+    let mut other = if args.compare_engines {
+        let before = std::env::var_os("CAPVM_BLK_IO");
+        // SAFETY: the bench has no other thread yet, so nothing reads the environment
+        // concurrently; the variable is restored right after the spawn.
+        unsafe { std::env::set_var("CAPVM_BLK_IO", other_engine()) };
+        let started = DevBlk::start(image.path());
+        match before {
+            // SAFETY: as above.
+            Some(v) => unsafe { std::env::set_var("CAPVM_BLK_IO", v) },
+            // SAFETY: as above.
+            None => unsafe { std::env::remove_var("CAPVM_BLK_IO") },
+        }
+        Some(started?)
+    } else {
+        None
+    };
     let chosen: Vec<Workload> = WORKLOADS
         .into_iter()
         .filter(|w| args.only.is_empty() || args.only.iter().any(|n| n == w.name))
@@ -502,7 +559,7 @@ fn main() -> anyhow::Result<()> {
     let mut rounds = vec![Vec::new(); chosen.len()];
     for _ in 0..args.rounds {
         for (w, done) in chosen.iter().zip(&mut rounds) {
-            done.push(measure(&mut dev, image.path(), *w, &args)?);
+            done.push(measure(&mut dev, other.as_mut(), image.path(), *w, &args)?);
         }
     }
     let worst = chosen
