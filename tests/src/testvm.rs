@@ -28,6 +28,7 @@
 //! the fixture kills the group. Every console byte goes to `console.log` in
 //! the fixture's work dir; errors carry the console's last lines.
 
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
@@ -306,6 +307,31 @@ impl TestVm {
             Marker::End { id: end, status } if *end == id => Some(*status),
             _ => None,
         })
+    }
+
+    /// [`TestVm::run`] that must exit 0: its output, trimmed, or an error with the status and
+    /// output.
+    pub fn run_ok(&mut self, command: &str, timeout: Duration) -> anyhow::Result<String> {
+        let out = self.run(command, timeout)?;
+        anyhow::ensure!(
+            out.status == 0,
+            "{command:?} exited {}: {}",
+            out.status,
+            out.output
+        );
+        Ok(out.output.trim().to_owned())
+    }
+
+    /// `e` with the guest's console and the named log files of capvm guest `guest` (under
+    /// `WORKDIR/vms/GUEST/`), for a failure report.
+    pub fn with_logs(&self, guest: &str, files: &[&str], e: &anyhow::Error) -> anyhow::Error {
+        let dir = self.workdir().join("vms").join(guest);
+        let mut text = format!("{e:#}\n--- console/stderr ---\n{}", self.logs());
+        for f in files {
+            let body = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+            let _ = write!(text, "\n--- {f} ---\n{body}");
+        }
+        anyhow::anyhow!(text)
     }
 
     /// For `capvm.action=run`: collects the command's output up to

@@ -212,27 +212,16 @@ fn triple_faulted(vm: &TestVm) -> bool {
 /// `e` with the guest's console and its processes' logs, for a failure report.
 fn with_logs(vm: &TestVm, e: anyhow::Error) -> anyhow::Error {
     let e = e.context("disks e2e");
-    let dir = guest_dir(vm.workdir());
-    let file = |n: &str| fs::read_to_string(dir.join(n)).unwrap_or_default();
-    anyhow::anyhow!(
-        "{e:#}\n--- console/stderr ---\n{}\n--- vm-bhyve.log ---\n{}\n--- vcpu-runner.log ---\n{}\n--- dev-blk0.log ---\n{}",
-        vm.logs(),
-        file("vm-bhyve.log"),
-        file("vcpu-runner.log"),
-        file("dev-blk0.log")
+    vm.with_logs(
+        NAME,
+        &["vm-bhyve.log", "vcpu-runner.log", "dev-blk0.log"],
+        &e,
     )
 }
 
 /// Runs `command` in the guest; it must exit 0. Returns its output, trimmed.
 fn run_ok(vm: &mut TestVm, command: &str) -> anyhow::Result<String> {
-    let out = vm.run(command, CMD_TIMEOUT)?;
-    ensure!(
-        out.status == 0,
-        "{command:?} exited {}: {}",
-        out.status,
-        out.output
-    );
-    Ok(out.output.trim().to_owned())
+    vm.run_ok(command, CMD_TIMEOUT)
 }
 
 /// The foreground supervisor's pid: the `vm` child of the fixture's `timeout`.

@@ -112,14 +112,7 @@ fn guest_dir(workdir: &Path) -> PathBuf {
 }
 
 fn run_ok(vm: &mut TestVm, command: &str) -> anyhow::Result<String> {
-    let out = vm.run(command, CMD_TIMEOUT)?;
-    ensure!(
-        out.status == 0,
-        "{command:?} exited {}: {}",
-        out.status,
-        out.output
-    );
-    Ok(out.output.trim().to_owned())
+    vm.run_ok(command, CMD_TIMEOUT)
 }
 
 fn keys_and_pointer() -> anyhow::Result<()> {
@@ -151,17 +144,7 @@ fn keys_and_pointer() -> anyhow::Result<()> {
         vm.wait_ready(BOOT_TIMEOUT)?;
         checks(&mut vm, Path::new(&vncdo))
     })();
-    result.map_err(|e| {
-        let dir = guest_dir(vm.workdir());
-        let file = |n: &str| fs::read_to_string(dir.join(n)).unwrap_or_default();
-        anyhow::anyhow!(
-            "{e:#}\n--- console ---\n{}\n--- vm-bhyve.log ---\n{}\n--- vcpu-runner.log ---\n{}\n--- dev-fb.log ---\n{}",
-            vm.logs(),
-            file("vm-bhyve.log"),
-            file("vcpu-runner.log"),
-            file("dev-fb.log")
-        )
-    })
+    result.map_err(|e| vm.with_logs(NAME, &["vm-bhyve.log", "vcpu-runner.log", "dev-fb.log"], &e))
 }
 
 /// Runs `vncdo -s ADDR ARGS…` to completion.
