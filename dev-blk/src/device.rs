@@ -294,7 +294,7 @@ impl Device {
                 mem: Arc::clone(&self.mem),
                 disk: Arc::clone(&self.disk) as Arc<dyn Disk>,
                 ctx,
-                workers: queue_loop::WORKERS_PER_QUEUE,
+                workers: queue_loop::workers_per_queue(),
                 on_broken,
             };
             for s in served {

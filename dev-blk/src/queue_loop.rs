@@ -60,6 +60,18 @@ use crate::request::{ChainError, Context, Request, execute, parse};
 /// gained only ~5 % from 16 to 32 threads.)
 pub const WORKERS_PER_QUEUE: usize = 16;
 
+/// The environment variable that overrides [`WORKERS_PER_QUEUE`] (1 to 64), for measuring.
+pub const WORKERS_ENV: &str = "CAPVM_BLK_WORKERS";
+
+/// Workers per queue: [`WORKERS_PER_QUEUE`] unless [`WORKERS_ENV`] names another count.
+pub fn workers_per_queue() -> usize {
+    std::env::var(WORKERS_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| (1..=64).contains(n))
+        .unwrap_or(WORKERS_PER_QUEUE)
+}
+
 const TOKEN_KICK: u64 = 0;
 const TOKEN_STOP: u64 = 1;
 

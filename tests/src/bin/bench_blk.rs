@@ -87,8 +87,9 @@ struct Args {
     dir: PathBuf,
     /// Workload names to run (all when empty).
     only: Vec<String>,
-    /// Also run a second dev-blk with the other I/O engine (`CAPVM_BLK_IO`), interleaved.
-    compare_engines: bool,
+    /// Also run a second dev-blk with this environment variable set (`--compare-engines`:
+    /// the other I/O engine; `--compare-env VAR=VALUE`), interleaved with the first.
+    other_env: Option<(String, String)>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -98,12 +99,12 @@ fn parse_args() -> anyhow::Result<Args> {
         size: 1024 * MIB,
         dir: PathBuf::from("/var/tmp"),
         only: Vec::new(),
-        compare_engines: false,
+        other_env: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--compare-engines" {
-            a.compare_engines = true;
+            a.other_env = Some(("CAPVM_BLK_IO".into(), other_engine().into()));
             continue;
         }
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
@@ -113,6 +114,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--size-mib" => a.size = value.parse::<u64>()? * MIB,
             "--dir" => a.dir = PathBuf::from(value),
             "--only" => a.only = value.split(',').map(str::to_owned).collect(),
+            "--compare-env" => {
+                let (k, v) = value.split_once('=').context("--compare-env VAR=VALUE")?;
+                a.other_env = Some((k.to_owned(), v.to_owned()));
+            }
             other => bail!("unknown option {other}"),
         }
     }
@@ -497,14 +502,22 @@ fn report(w: Workload, rounds: &[Round]) -> f64 {
     let other = med(|r| r.other);
     if other > 0.0 {
         println!(
-            "MEASURE {:<14} other engine ({}) {other:>10.1} {unit}  ratio {:>5.1}%  CPU {:>5.1} us/request",
+            "MEASURE {:<14} other ({}) {other:>10.1} {unit}  ratio {:>5.1}%  CPU {:>5.1} us/request",
             w.name,
-            other_engine(),
+            other_label(),
             other / host * 100.0,
             med(|r| r.other_us),
         );
     }
     ratio
+}
+
+/// What the second dev-blk runs with, for the report.
+fn other_label() -> String {
+    let args = parse_args().ok();
+    args.and_then(|a| a.other_env)
+        .map(|(k, v)| format!("{k}={v}"))
+        .unwrap_or_default()
 }
 
 /// The engine the second dev-blk of `--compare-engines` runs: the one the first does not.
@@ -534,17 +547,17 @@ fn main() -> anyhow::Result<()> {
         args.secs
     );
     let mut dev = DevBlk::start(image.path())?;
-    let mut other = if args.compare_engines {
-        let before = std::env::var_os("CAPVM_BLK_IO");
+    let mut other = if let Some((key, value)) = &args.other_env {
+        let before = std::env::var_os(key);
         // SAFETY: the bench has no other thread yet, so nothing reads the environment
         // concurrently; the variable is restored right after the spawn.
-        unsafe { std::env::set_var("CAPVM_BLK_IO", other_engine()) };
+        unsafe { std::env::set_var(key, value) };
         let started = DevBlk::start(image.path());
         match before {
             // SAFETY: as above.
-            Some(v) => unsafe { std::env::set_var("CAPVM_BLK_IO", v) },
+            Some(v) => unsafe { std::env::set_var(key, v) },
             // SAFETY: as above.
-            None => unsafe { std::env::remove_var("CAPVM_BLK_IO") },
+            None => unsafe { std::env::remove_var(key) },
         }
         Some(started?)
     } else {
