@@ -961,6 +961,33 @@ fn startall_and_stopall_follow_vm_list() {
 }
 
 /// Polls `f` until it returns a value, at most `timeout`.
+/// Kills guest g's process listed as `role` by `vm info` six times, each as soon as it is
+/// back: five restarts (at once, then after 100, 200, 400, 800 ms), and the sixth death fails
+/// it. `logged` is the name the supervisor's log gives it; the fake guest's device 0 is the
+/// one replaced.
+fn kill_six_times(env: &Env, console: &mut Session, role: &str, logged: &str) {
+    for kill in 1..=6 {
+        let pid = wait_for_value(Duration::from_secs(5), || {
+            env.processes("g")
+                .into_iter()
+                .find(|(r, pid, _)| r == role && *pid != 0)
+                .map(|(_, pid, _)| pid)
+        });
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let died = format!(": {logged} (pid {pid}) died: killed by SIGKILL\n");
+        wait_until(Duration::from_secs(5), || env.log("g").contains(&died));
+        if kill < 6 {
+            wait_until(Duration::from_secs(5), || {
+                console.output().matches("fake: device 0 replaced").count() == kill
+            });
+        }
+    }
+}
+
 fn wait_for_value<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + timeout;
     loop {
@@ -1095,27 +1122,7 @@ fn a_dev_blk_that_keeps_dying_is_failed_after_the_limit_and_the_guest_runs_on() 
     env.ok(&["start", "g"]);
     let mut console = Session::start(env.command(&["console", "g"]));
     console.wait_for("fake: ready");
-    // Five restarts (at once, then after 100, 200, 400, 800 ms), then the sixth death fails it.
-    for kill in 1..=6 {
-        let pid = wait_for_value(Duration::from_secs(5), || {
-            env.processes("g")
-                .into_iter()
-                .find(|(r, pid, _)| r == "dev-blk0" && *pid != 0)
-                .map(|(_, pid, _)| pid)
-        });
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        let died = format!(": dev-blk0 (pid {pid}) died: killed by SIGKILL\n");
-        wait_until(Duration::from_secs(5), || env.log("g").contains(&died));
-        if kill < 6 {
-            wait_until(Duration::from_secs(5), || {
-                console.output().matches("fake: device 0 replaced").count() == kill
-            });
-        }
-    }
+    kill_six_times(&env, &mut console, "dev-blk0", "dev-blk0");
     console.wait_for("fake: device 0 failed");
     assert!(
         env.log("g")
@@ -1332,27 +1339,7 @@ fn a_dev_fb_that_keeps_dying_is_failed_after_the_limit_with_its_input_devices() 
     env.ok(&["start", "g"]);
     let mut console = Session::start(env.command(&["console", "g"]));
     console.wait_for("fake: ready");
-    // Five restarts (at once, then after 100, 200, 400, 800 ms), then the sixth death fails it.
-    for kill in 1..=6 {
-        let pid = wait_for_value(Duration::from_secs(5), || {
-            env.processes("g")
-                .into_iter()
-                .find(|(r, pid, _)| r == "dev-fb+keyboard" && *pid != 0)
-                .map(|(_, pid, _)| pid)
-        });
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        let died = format!(": dev-fb (pid {pid}) died: killed by SIGKILL\n");
-        wait_until(Duration::from_secs(5), || env.log("g").contains(&died));
-        if kill < 6 {
-            wait_until(Duration::from_secs(5), || {
-                console.output().matches("fake: device 0 replaced").count() == kill
-            });
-        }
-    }
+    kill_six_times(&env, &mut console, "dev-fb+keyboard", "dev-fb");
     // The keyboard (device 0) is failed in the runner: the driver sees it needing a reset.
     console.wait_for("fake: device 0 failed");
     assert!(
