@@ -286,6 +286,17 @@ fn launch(ram: &GuestRam) -> Launched {
 }
 
 impl Rig {
+    /// A started rig with both devices activated, or `None` (after saying why) without root.
+    fn activated() -> Option<Rig> {
+        if skip_unless_root() {
+            return None;
+        }
+        let rig = Rig::start();
+        rig.keyboard.activate();
+        rig.tablet.activate();
+        Some(rig)
+    }
+
     fn start() -> Rig {
         let ram = GuestRam::new(RAM).expect("guest RAM");
         let l = launch(&ram);
@@ -395,12 +406,9 @@ fn the_devices_introduce_themselves_with_names_ids_and_event_bitmaps() {
 
 #[test]
 fn keys_by_keysym_and_by_scancode_reach_the_keyboards_event_buffers() {
-    if skip_unless_root() {
+    let Some(mut rig) = Rig::activated() else {
         return;
-    }
-    let mut rig = Rig::start();
-    rig.keyboard.activate();
-    rig.tablet.activate();
+    };
     rig.keyboard.post(&rig.ram, 16);
     let mut c = rig.connect();
     c.key(u32::from(b'a'), true).unwrap();
@@ -432,12 +440,9 @@ fn keys_by_keysym_and_by_scancode_reach_the_keyboards_event_buffers() {
 
 #[test]
 fn pointer_events_reach_the_tablet_as_absolute_positions_buttons_and_wheel_steps() {
-    if skip_unless_root() {
+    let Some(mut rig) = Rig::activated() else {
         return;
-    }
-    let mut rig = Rig::start();
-    rig.keyboard.activate();
-    rig.tablet.activate();
+    };
     rig.tablet.post(&rig.ram, 32);
     let mut c = rig.connect();
     c.pointer(0, 639, 479).unwrap();
@@ -560,12 +565,9 @@ fn led_status_buffers_are_returned_and_events_before_activation_are_dropped() {
 
 #[test]
 fn a_broken_event_ring_asks_for_a_reset_and_vnc_and_the_other_device_go_on() {
-    if skip_unless_root() {
+    let Some(mut rig) = Rig::activated() else {
         return;
-    }
-    let mut rig = Rig::start();
-    rig.keyboard.activate();
-    rig.tablet.activate();
+    };
     let mut c = rig.connect();
     // The available index jumps a whole queue and more ahead (§2.7.6).
     rig.keyboard.eventq.set_avail_idx_raw(&rig.ram, QUEUE + 5);
@@ -612,12 +614,9 @@ fn a_broken_event_ring_asks_for_a_reset_and_vnc_and_the_other_device_go_on() {
 
 #[test]
 fn keys_and_buttons_a_client_holds_are_released_when_it_disconnects() {
-    if skip_unless_root() {
+    let Some(mut rig) = Rig::activated() else {
         return;
-    }
-    let mut rig = Rig::start();
-    rig.keyboard.activate();
-    rig.tablet.activate();
+    };
     rig.keyboard.post(&rig.ram, 16);
     rig.tablet.post(&rig.ram, 16);
     let mut first = rig.connect();
@@ -688,12 +687,9 @@ fn the_keyboard_offers_no_ev_rep_and_a_clients_repeated_key_down_is_an_autorepea
 
 #[test]
 fn a_restarted_dev_fb_releases_every_key_and_button_on_the_drivers_rings() {
-    if skip_unless_root() {
+    let Some(mut rig) = Rig::activated() else {
         return;
-    }
-    let mut rig = Rig::start();
-    rig.keyboard.activate();
-    rig.tablet.activate();
+    };
     rig.keyboard.post(&rig.ram, 16);
     rig.tablet.post(&rig.ram, 8);
     let mut c = rig.connect();
