@@ -743,9 +743,37 @@ impl Controls {
 }
 
 /// Moves console input into COM1's receive FIFO, offering what did not fit again later.
+/// Input the guest leaves unread for [`STALL_REPORT_AFTER`] is logged once, with COM1's
+/// registers (a guest that stopped taking console input is otherwise invisible).
 fn feed_console(mut console: File, com1: &Mutex<Com1>) {
     let mut buf = [0u8; 256];
+    let mut reported = false;
+    let check_stall = |reported: &mut bool| {
+        let report = com1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .stalled_input(STALL_REPORT_AFTER);
+        match report {
+            Some(state) if !*reported => {
+                tracing::warn!(%state, "com1: the guest is not reading console input");
+                *reported = true;
+            }
+            Some(_) => {}
+            None => *reported = false,
+        }
+    };
     loop {
+        let ready = {
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&console),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16))
+        };
+        if matches!(ready, Ok(0)) {
+            check_stall(&mut reported);
+            continue;
+        }
         let n = match console.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => n,
@@ -756,6 +784,7 @@ fn feed_console(mut console: File, com1: &Mutex<Com1>) {
             }
         };
         let mut pending = buf.get(..n).unwrap_or_default();
+        let mut waits = 0u32;
         while !pending.is_empty() {
             let taken = com1
                 .lock()
@@ -764,10 +793,17 @@ fn feed_console(mut console: File, com1: &Mutex<Com1>) {
             pending = pending.get(taken..).unwrap_or_default();
             if taken == 0 {
                 std::thread::sleep(Duration::from_millis(10));
+                waits = waits.wrapping_add(1);
+                if waits.is_multiple_of(100) {
+                    check_stall(&mut reported);
+                }
             }
         }
     }
 }
+
+/// How long console input may wait unread, with no guest access to COM1, before it is logged.
+const STALL_REPORT_AFTER: Duration = Duration::from_secs(2);
 
 struct VcpuContext {
     index: u32,

@@ -29,6 +29,7 @@
 use std::convert::Infallible;
 use std::io::Write;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vm_superio::serial::{Error as SerialError, NoEvents};
 use vm_superio::{Serial, Trigger};
@@ -45,7 +46,10 @@ const THR_RBR: u8 = 0;
 const IER: u8 = 1;
 const IIR: u8 = 2;
 const LCR: u8 = 3;
+const MCR: u8 = 4;
 const LSR: u8 = 5;
+/// Bytes the receive FIFO holds (`vm-superio`'s).
+const FIFO_BYTES: usize = 64;
 /// `IER` bits this UART acts on, and the bits a guest may set.
 const IER_RDI: u8 = 0x01;
 const IER_THRI: u8 = 0x02;
@@ -83,6 +87,8 @@ pub struct Com1 {
     thr_pending: bool,
     /// The level [`COM1_GSI`] was last driven to.
     line: bool,
+    /// When the guest last read or wrote a register.
+    last_access: Instant,
 }
 
 impl std::fmt::Debug for Com1 {
@@ -106,7 +112,27 @@ impl Com1 {
             ier: 0,
             thr_pending: false,
             line: false,
+            last_access: Instant::now(),
         }
+    }
+
+    /// The UART's state when input has waited in the receive FIFO for `idle` or longer with
+    /// no guest access at all, for a log line; `None` otherwise. Reads nothing that a guest
+    /// read would change.
+    pub fn stalled_input(&mut self, idle: Duration) -> Option<String> {
+        let waiting = FIFO_BYTES.saturating_sub(self.uart.fifo_capacity());
+        if waiting == 0 || self.last_access.elapsed() < idle {
+            return None;
+        }
+        let iir = IIR_FIFO_BITS | self.identification();
+        let (lsr, mcr) = (self.uart.read(LSR), self.uart.read(MCR));
+        Some(format!(
+            "{waiting} input bytes unread for {} ms: IER={:#04x} IIR={iir:#04x} LSR={lsr:#04x} \
+             MCR={mcr:#04x} line={}",
+            self.last_access.elapsed().as_millis(),
+            self.ier,
+            if self.line { "high" } else { "low" },
+        ))
     }
 
     /// Puts `bytes` into the receive FIFO for the guest to read and returns how many fit; the
@@ -195,6 +221,7 @@ impl Com1 {
 
 impl PioDevice for Com1 {
     fn read(&mut self, port: u16, data: &mut [u8]) {
+        self.last_access = Instant::now();
         for (i, byte) in data.iter_mut().enumerate() {
             *byte = if let Some(offset) = byte_port(port, i).and_then(Self::offset) {
                 self.read_register(offset)
@@ -207,6 +234,7 @@ impl PioDevice for Com1 {
     }
 
     fn write(&mut self, port: u16, data: &[u8]) {
+        self.last_access = Instant::now();
         for (i, &value) in data.iter().enumerate() {
             let Some(offset) = byte_port(port, i).and_then(Self::offset) else {
                 tracing::debug!(port, value, "com1: write outside the UART dropped");
@@ -400,6 +428,23 @@ mod tests {
         com1.write(LCR_PORT, &[0x03]);
         assert_eq!(inb(&mut com1, IER_PORT), 0);
         assert_eq!(inb(&mut com1, IIR_PORT), IIR_NONE);
+    }
+
+    #[test]
+    fn input_left_unread_is_reported_with_the_registers_and_an_access_clears_the_report() {
+        let (mut com1, _platform, _out) = com1();
+        com1.write(IER_PORT, &[IER_RX]);
+        assert_eq!(com1.enqueue_input(b"abc"), 3);
+        std::thread::sleep(Duration::from_millis(30));
+        let report = com1
+            .stalled_input(Duration::from_millis(20))
+            .expect("a report");
+        assert!(report.starts_with("3 input bytes unread for "), "{report}");
+        assert!(report.contains("IER=0x01 IIR=0xc4 LSR=0x61"), "{report}");
+        assert!(report.contains("line=high"), "{report}");
+        // Nothing was read: the FIFO still holds all three bytes.
+        assert_eq!(inb(&mut com1, RBR_THR), b'a');
+        assert!(com1.stalled_input(Duration::from_millis(20)).is_none());
     }
 
     #[test]
