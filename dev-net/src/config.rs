@@ -6,10 +6,10 @@
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
@@ -38,9 +38,15 @@ pub const fn bit(n: u32) -> u64 {
     1u64 << n
 }
 
-/// Every feature bit this device offers.
-pub fn features() -> u64 {
-    [
+/// Every feature bit a device with `pairs` queue pairs offers: with more than one, `MQ` and
+/// the control queue it needs (`CTRL_VQ`, §5.1.3.1).
+pub fn features(pairs: u16) -> u64 {
+    let mq = if pairs > 1 {
+        bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ)
+    } else {
+        0
+    };
+    mq | [
         VIRTIO_F_VERSION_1,
         VIRTIO_RING_F_EVENT_IDX,
         VIRTIO_RING_F_INDIRECT_DESC,
@@ -74,6 +80,13 @@ pub struct Negotiated {
     pub tx: TxOffloads,
     /// The `TUNSETOFFLOAD` flags: what the kernel may hand us to receive.
     pub tap_offloads: u32,
+}
+
+/// Whether the driver accepted `VIRTIO_NET_F_MQ` (with the `CTRL_VQ` it needs): several
+/// queue pairs and a control queue.
+pub fn multiqueue(features: u64) -> bool {
+    let both = bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
+    features & both == both
 }
 
 impl Negotiated {
@@ -111,8 +124,9 @@ impl Negotiated {
     }
 }
 
-/// The configuration space (`struct virtio_net_config` up to `mtu`), [`CONFIG_LEN`] bytes.
-pub fn config_space(mac: [u8; 6], link_up: bool, mtu: u16) -> Vec<u8> {
+/// The configuration space (`struct virtio_net_config` up to `mtu`), [`CONFIG_LEN`] bytes;
+/// `max_virtqueue_pairs` is `pairs` (only read by a driver that negotiated `MQ`).
+pub fn config_space(mac: [u8; 6], link_up: bool, mtu: u16, pairs: u16) -> Vec<u8> {
     let status = if link_up {
         u16::try_from(VIRTIO_NET_S_LINK_UP).unwrap_or(1)
     } else {
@@ -121,7 +135,7 @@ pub fn config_space(mac: [u8; 6], link_up: bool, mtu: u16) -> Vec<u8> {
     let mut c = Vec::with_capacity(CONFIG_LEN);
     c.extend_from_slice(&mac); // 0: mac
     c.extend_from_slice(&status.to_le_bytes()); // 6: status
-    c.extend_from_slice(&1u16.to_le_bytes()); // 8: max_virtqueue_pairs
+    c.extend_from_slice(&pairs.max(1).to_le_bytes()); // 8: max_virtqueue_pairs
     c.extend_from_slice(&mtu.to_le_bytes()); // 10: mtu
     c
 }
@@ -132,9 +146,11 @@ mod tests {
 
     #[test]
     fn config_space_has_the_spec_layout() {
-        let c = config_space([2, 0, 0, 0, 0, 7], true, 9000);
+        let c = config_space([2, 0, 0, 0, 0, 7], true, 9000, 1);
         assert_eq!(c, vec![2, 0, 0, 0, 0, 7, 1, 0, 1, 0, 0x28, 0x23]);
-        let down = config_space([2, 0, 0, 0, 0, 7], false, 9000);
+        let mq = config_space([2, 0, 0, 0, 0, 7], true, 9000, 4);
+        assert_eq!(mq.get(8..10), Some(&[4, 0][..]));
+        let down = config_space([2, 0, 0, 0, 0, 7], false, 9000, 1);
         assert_eq!(
             down.get(STATUS_OFFSET..STATUS_OFFSET + 2),
             Some(&[0, 0][..])
@@ -143,8 +159,8 @@ mod tests {
     }
 
     #[test]
-    fn the_offer_has_the_promised_bits_and_no_multiqueue() {
-        let f = features();
+    fn the_offer_has_the_promised_bits_and_multiqueue_only_with_pairs() {
+        let f = features(1);
         for b in [0, 1, 3, 5, 7, 8, 9, 11, 12, 13, 15, 16, 28, 29, 32] {
             assert_ne!(f & bit(b), 0, "bit {b}");
         }
@@ -152,12 +168,17 @@ mod tests {
         for b in [10, 14, 17, 22] {
             assert_eq!(f & bit(b), 0, "bit {b}");
         }
+        let mq = features(2);
+        assert_eq!(mq & !f, bit(17) | bit(22));
+        assert!(multiqueue(mq));
+        assert!(!multiqueue(f));
+        assert!(!multiqueue(bit(22)), "MQ without CTRL_VQ");
     }
 
     #[test]
     fn tap_offloads_follow_the_guest_receive_features() {
-        assert_eq!(Negotiated::from_features(features()).tap_offloads, 0x0f);
-        let no_csum = features() & !bit(VIRTIO_NET_F_GUEST_CSUM);
+        assert_eq!(Negotiated::from_features(features(1)).tap_offloads, 0x0f);
+        let no_csum = features(1) & !bit(VIRTIO_NET_F_GUEST_CSUM);
         assert_eq!(Negotiated::from_features(no_csum).tap_offloads, 0);
         let only_csum = bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_ECN);
         assert_eq!(

@@ -1,48 +1,47 @@
-//! The device: one thread, one epoll set over the runner channel, the bootstrap channel, the
-//! two queues' kick eventfds and the tap.
+//! The device's control side: the main thread polls the runner channel, the bootstrap
+//! channel, the control queue's kick and the workers' wake eventfd; each queue pair is served
+//! by its own worker thread ([`crate::pair`]).
 //!
 //! ```text
-//!  tap ──readable──▶ rx_work: read one frame → RxQueue::deliver → call eventfd
-//!  guest ──tx kick──▶ tx_work: TxQueue::next_frame → writev to the tap → call eventfd
-//!  guest ──rx kick──▶ buffers are back: re-arm the tap, deliver the waiting frame
+//!  runner ──Activate──▶ build the rings, start one worker per pair (pair j: rx j, tx j, tap queue j)
+//!  guest ──ctrl kick──▶ VQ_PAIRS_SET n: stop the workers, hand the tap queues to pairs 0..n, restart, ack
+//!  worker ──wake──▶ a tap went away: ConfigChanged (link down); a ring broke: NeedsReset
 //! ```
 //!
-//! The tap is only polled while the receive ring has buffers: when it runs dry the device
-//! asks the driver for a kick (`enable_notification`, §2.7.10) and takes the tap out of the
-//! poll set until the kick arrives, so it neither reads frames it cannot place nor spins. A
-//! tap that goes away turns the link down (`ConfigChanged`); the process serves on.
+//! Queue layout (§5.1.2): `rx0, tx0` without `MQ`; `rx0, tx0, …, rxN-1, txN-1, ctrl` with it
+//! (N = the pairs offered), or `rx0, tx0, ctrl` with `CTRL_VQ` alone. Only pair 0 receives
+//! until the driver enables more with `VQ_PAIRS_SET` (§5.1.6.5.5); every pair transmits.
+//!
+//! A device restarted after a crash does not know how many pairs the driver had enabled: it
+//! receives on pair 0 only (still on every tap queue) until the driver says again.
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use proto::bootstrap::FdRole;
 use proto::channel::{Channel, ChannelError, ChannelKind};
-use proto::device::{DeviceInfo, FromDevice, NetSetup, QueueConfig, ToDevice};
+use proto::device::{DeviceInfo, FromDevice, NetSetup, QueueConfig, ToDevice, net_queue_count};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::QueueT;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ;
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{self, DEVICE_TYPE_NET, MAX_QUEUE_SIZE, Negotiated, bit};
-use crate::header::{HEADER_LEN, MAX_GSO_FRAME};
-use crate::ring::{RingError, build_queue};
-use crate::rx::{RxOutcome, RxQueue, RxStats};
-use crate::tap::{Tap, TapError, TapIo};
-use crate::tx::{TxQueue, TxStats};
-
-/// Frames moved per queue before the other side gets a turn.
-const BUDGET: usize = 256;
-/// How often the counters are logged at debug level, in milliseconds.
-const STATS_INTERVAL_MS: u16 = 10_000;
-/// Bytes of the receive bounce buffer: the largest frame a tap hands over, with its header.
-const RX_BUFFER: usize = HEADER_LEN + MAX_GSO_FRAME as usize + 1024;
+use crate::ctrl;
+use crate::pair::{PairQueues, PairState, PairStats, RxTap, Shared, Worker};
+use crate::ring::{RingError, UsedRing, build_queue};
+use crate::rx::RxQueue;
+use crate::tap::{Tap, TapError};
+use crate::tx::TxQueue;
 
 const TOKEN_RUNNER: u64 = 0;
 const TOKEN_BOOTSTRAP: u64 = 1;
-const TOKEN_RX_KICK: u64 = 2;
-const TOKEN_TX_KICK: u64 = 3;
-const TOKEN_TAP: u64 = 4;
+const TOKEN_WAKE: u64 = 2;
+const TOKEN_CTRL_KICK: u64 = 3;
 
 /// Why the device could not start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +50,8 @@ pub enum DeviceError {
     MissingFd(FdRole),
     #[error("invalid net setup")]
     Setup(#[from] proto::device::DeviceMessageError),
+    #[error("{pairs} queue pairs need as many tap descriptors, {taps} came")]
+    TapCount { pairs: u16, taps: usize },
     #[error("mapping guest memory failed")]
     Memory(#[from] child::guest_ram::GuestRamError),
     #[error("the tap cannot be used")]
@@ -59,40 +60,46 @@ pub enum DeviceError {
     Channel(#[from] ChannelError),
     #[error("the event loop failed")]
     Epoll(#[source] nix::errno::Errno),
+    #[error("starting a queue pair's thread failed")]
+    Thread(#[source] std::io::Error),
+    #[error("a queue pair's thread panicked")]
+    WorkerPanicked,
 }
 
 /// The descriptors the device process holds.
 #[derive(Debug)]
 pub struct DeviceFds {
     pub memory: OwnedFd,
-    pub tap: OwnedFd,
+    /// One per queue of the tap, one queue per pair, in order.
+    pub taps: Vec<OwnedFd>,
     pub runner: Channel,
+}
+
+/// One queue of an `Activate` with its kick and call eventfds.
+type QueueSlot = (Queue, File, File);
+
+/// The control queue of an activated device.
+#[derive(Debug)]
+struct CtrlQueue {
+    queue: Queue,
+    used: UsedRing,
+    kick: File,
+    call: File,
 }
 
 /// The queues of an activated device.
 #[derive(Debug)]
 struct Active {
-    rx: RxQueue,
-    tx: TxQueue,
-    rx_kick: File,
-    rx_call: File,
-    tx_kick: File,
-    tx_call: File,
     neg: Negotiated,
-    /// The tap is in the poll set for input.
-    tap_armed: bool,
-    /// A budget ran out: run again without waiting.
-    rx_more: bool,
-    tx_more: bool,
-}
-
-/// Counters that outlive one activation.
-#[derive(Debug, Clone, Copy, Default)]
-struct Totals {
-    rx: RxStats,
-    tx: TxStats,
-    /// Frames read from the tap that were dropped: reset, link or header trouble.
-    rx_lost: u64,
+    /// `MQ` negotiated: `VQ_PAIRS_SET` is accepted.
+    multiqueue: bool,
+    /// Pairs the driver has enabled (`VQ_PAIRS_SET`; 1 at first).
+    enabled: u16,
+    /// Each pair's worker, in pair order; empty while they are stopped.
+    workers: Vec<Worker>,
+    /// The pairs' states while no worker runs them.
+    idle: Vec<PairState>,
+    ctrl: Option<CtrlQueue>,
 }
 
 /// A configured device, serving its runner channel.
@@ -100,15 +107,20 @@ pub struct Device {
     info: DeviceInfo,
     mac: [u8; 6],
     mtu: u16,
+    /// Queue pairs offered (= tap queues).
+    pairs: u16,
     mem: GuestMemoryMmap,
-    tap: Tap,
+    taps: Vec<Arc<Tap>>,
+    /// The tap queues' read side while no worker holds them, in queue order.
+    rx_taps: Vec<RxTap>,
     runner: Channel,
+    /// The main thread's poll set.
+    epoll: Epoll,
+    shared: Arc<Shared>,
+    /// The link state the driver was last told.
     link_up: bool,
     active: Option<Active>,
-    totals: Totals,
-    /// The frame read from the tap and not delivered yet: `rx_buf[..pending]`.
-    rx_buf: Vec<u8>,
-    pending: usize,
+    totals: PairStats,
 }
 
 impl std::fmt::Debug for Device {
@@ -116,36 +128,55 @@ impl std::fmt::Debug for Device {
         f.debug_struct("Device")
             .field("mac", &self.mac)
             .field("mtu", &self.mtu)
+            .field("pairs", &self.pairs)
             .field("link_up", &self.link_up)
             .finish_non_exhaustive()
     }
 }
 
 impl Device {
-    /// Maps memory and sets up the tap described by `setup`.
+    /// Maps memory and sets up the tap queues described by `setup`.
     pub fn new(setup: &NetSetup, fds: DeviceFds) -> Result<Device, DeviceError> {
         setup.validate()?;
+        if fds.taps.len() != usize::from(setup.queue_pairs) {
+            return Err(DeviceError::TapCount {
+                pairs: setup.queue_pairs,
+                taps: fds.taps.len(),
+            });
+        }
         let mem = child::guest_ram::map_guest_ram(&fds.memory, &setup.memory)?;
-        let tap = Tap::new(fds.tap)?;
+        let taps = fds
+            .taps
+            .into_iter()
+            .map(|fd| Tap::new(fd).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rx_taps = taps
+            .iter()
+            .enumerate()
+            .map(|(i, t)| RxTap::new(i, Arc::clone(t)))
+            .collect();
+        let pairs = setup.queue_pairs;
         let info = DeviceInfo {
             device_type: DEVICE_TYPE_NET,
-            features: config::features(),
-            queues: 2,
+            features: config::features(pairs),
+            queues: net_queue_count(pairs),
             max_queue_size: MAX_QUEUE_SIZE,
-            config: config::config_space(setup.mac, true, setup.mtu),
+            config: config::config_space(setup.mac, true, setup.mtu, pairs),
         };
         Ok(Device {
             info,
             mac: setup.mac,
             mtu: setup.mtu,
+            pairs,
             mem,
-            tap,
+            taps,
+            rx_taps,
             runner: fds.runner,
+            epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(DeviceError::Epoll)?,
+            shared: Arc::new(Shared::new().map_err(DeviceError::Epoll)?),
             link_up: true,
             active: None,
-            totals: Totals::default(),
-            rx_buf: vec![0; RX_BUFFER],
-            pending: 0,
+            totals: PairStats::default(),
         })
     }
 
@@ -158,48 +189,43 @@ impl Device {
         tracing::info!(
             mac = %format_mac(self.mac),
             mtu = self.mtu,
+            pairs = self.pairs,
             "virtio-net device ready"
         );
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(DeviceError::Epoll)?;
         let input = |t| EpollEvent::new(EpollFlags::EPOLLIN, t);
-        epoll
+        self.epoll
             .add(&self.runner, input(TOKEN_RUNNER))
             .map_err(DeviceError::Epoll)?;
-        epoll
+        self.epoll
             .add(bootstrap, input(TOKEN_BOOTSTRAP))
             .map_err(DeviceError::Epoll)?;
-        // The tap stays in the set (for its error events) but is armed for input only while
-        // the receive ring has buffers.
-        epoll
-            .add(&self.tap, EpollEvent::new(EpollFlags::empty(), TOKEN_TAP))
+        self.epoll
+            .add(&self.shared.wake, input(TOKEN_WAKE))
             .map_err(DeviceError::Epoll)?;
+        let result = self.serve_loop(bootstrap);
+        self.deactivate();
+        self.log_totals();
+        result
+    }
+
+    fn serve_loop(&mut self, bootstrap: &Channel) -> Result<(), DeviceError> {
         let mut events = [EpollEvent::empty(); 8];
-        let mut last_logged = (0u64, 0u64);
-        let mut last_log_at = std::time::Instant::now();
         loop {
-            let busy = self.active.as_ref().is_some_and(|a| a.rx_more || a.tx_more);
-            let timeout = if busy {
-                EpollTimeout::ZERO
-            } else {
-                EpollTimeout::from(STATS_INTERVAL_MS)
-            };
-            let n = match epoll.wait(&mut events, timeout) {
+            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(DeviceError::Epoll(e)),
             };
-            let (ready, tap_error) = ready_tokens(events.iter().take(n));
-            if ready[1] && supervisor_hung_up(bootstrap) {
+            let ready = |t| events.iter().take(n).any(|e| e.data() == t);
+            if ready(TOKEN_BOOTSTRAP) && child::supervisor_hung_up(bootstrap) {
                 tracing::info!("supervisor closed the channel; exiting");
-                self.log_totals(true);
                 return Ok(());
             }
-            if ready[0] {
+            if ready(TOKEN_RUNNER) {
                 match self.runner.recv::<ToDevice>() {
-                    Ok(received) => self.handle(&epoll, received.msg, received.fds)?,
+                    Ok(received) => self.handle(received.msg, received.fds)?,
                     Err(ChannelError::Closed) => {
                         tracing::info!("runner closed the device channel; exiting");
-                        self.log_totals(true);
                         return Ok(());
                     }
                     Err(e @ (ChannelError::Send(_) | ChannelError::Recv(_))) => {
@@ -208,71 +234,49 @@ impl Device {
                     Err(e) => tracing::warn!(error = %e, "dropping a malformed runner message"),
                 }
             }
-            if tap_error
-                && self.link_up
-                && self.pending == 0
-                && let Err(Failure::Device(e)) = self.read_tap(&epoll)
+            if ready(TOKEN_WAKE) {
+                let _ = self.shared.wake.read();
+                self.worker_news()?;
+            }
+            if ready(TOKEN_CTRL_KICK)
+                && let Some(c) = self.active.as_mut().and_then(|a| a.ctrl.as_mut())
             {
-                // A deleted tap reports an error; the read says why (and turns the link down).
-                return Err(e);
-            }
-            let kicked_rx = ready[2];
-            let kicked_tx = ready[3];
-            if let Some(a) = self.active.as_mut() {
-                if kicked_rx {
-                    drain(&mut a.rx_kick);
-                }
-                if kicked_tx {
-                    drain(&mut a.tx_kick);
-                }
-            }
-            if self.active.is_some() {
-                let rx_more = self.active.as_ref().is_some_and(|a| a.rx_more);
-                if kicked_rx || ready[4] || rx_more {
-                    self.guard(&epoll, Self::rx_work)?;
-                }
-                let tx_more = self.active.as_ref().is_some_and(|a| a.tx_more);
-                if kicked_tx || tx_more {
-                    self.guard(&epoll, Self::tx_work)?;
-                }
-            }
-            if last_log_at.elapsed().as_millis() >= u128::from(STATS_INTERVAL_MS) {
-                last_log_at = std::time::Instant::now();
-                let t = self.totals_now();
-                let now = (t.rx.frames, t.tx.frames);
-                if now != last_logged {
-                    last_logged = now;
-                    self.log_totals(false);
+                child::drain_eventfd(&mut c.kick);
+                if let Err(e) = self.ctrl_work() {
+                    self.needs_reset(&crate::error_chain(&e))?;
                 }
             }
         }
     }
 
-    /// Runs `work`; a broken ring asks the runner for a reset and stops the queues.
-    fn guard(
-        &mut self,
-        epoll: &Epoll,
-        work: fn(&mut Self, &Epoll) -> Result<(), Failure>,
-    ) -> Result<(), DeviceError> {
-        match work(self, epoll) {
-            Ok(()) => Ok(()),
-            Err(Failure::Device(e)) => Err(e),
-            Err(Failure::Ring(e)) => {
-                let reason = crate::error_chain(&e);
-                tracing::warn!(%reason, "ring broken; the device needs a reset");
-                self.deactivate(epoll);
-                self.runner.send(&FromDevice::needs_reset(&reason), &[])?;
-                Ok(())
-            }
+    /// What the workers reported: a link that went down, a ring that broke.
+    fn worker_news(&mut self) -> Result<(), DeviceError> {
+        if self.link_up && !self.shared.link_up.load(Ordering::SeqCst) {
+            self.link_up = false;
+            let config = config::config_space(self.mac, false, self.mtu, self.pairs);
+            self.info.config.clone_from(&config);
+            self.runner
+                .send(&FromDevice::ConfigChanged { config }, &[])?;
         }
+        let reason = self.shared.reset.lock().ok().and_then(|mut r| r.take());
+        if let Some(reason) = reason {
+            self.needs_reset(&reason)?;
+        }
+        Ok(())
     }
 
-    fn handle(
-        &mut self,
-        epoll: &Epoll,
-        msg: ToDevice,
-        fds: Vec<OwnedFd>,
-    ) -> Result<(), DeviceError> {
+    /// Stops the queues and asks the runner for a reset.
+    fn needs_reset(&mut self, reason: &str) -> Result<(), DeviceError> {
+        if self.active.is_none() {
+            return Ok(());
+        }
+        tracing::warn!(%reason, "the device needs a reset");
+        self.deactivate();
+        self.runner.send(&FromDevice::needs_reset(reason), &[])?;
+        Ok(())
+    }
+
+    fn handle(&mut self, msg: ToDevice, fds: Vec<OwnedFd>) -> Result<(), DeviceError> {
         if let Err(e) = msg.validate(&self.info) {
             tracing::warn!(error = %e, "refusing a runner message");
             return Ok(self
@@ -281,28 +285,28 @@ impl Device {
         }
         match msg {
             ToDevice::Activate { features, queues } => {
-                self.deactivate(epoll);
-                let reply = match self.activate(epoll, features, &queues, fds) {
+                self.deactivate();
+                let reply = match self.activate(features, &queues, fds) {
                     Ok(()) => {
                         tracing::info!(features = format_args!("{features:#x}"), "activated");
                         FromDevice::Activated
                     }
                     Err(reason) => {
                         tracing::warn!(%reason, "activation refused");
-                        self.deactivate(epoll);
+                        self.deactivate();
                         FromDevice::needs_reset(&reason)
                     }
                 };
                 self.runner.send(&reply, &[])?;
                 if self.active.is_some() {
-                    // The driver may have queued frames and buffers before activating (or
-                    // before a restarted device process came up).
-                    self.guard(epoll, Self::tx_work)?;
-                    self.guard(epoll, Self::rx_work)?;
+                    // The driver may have queued commands before a restarted process came up.
+                    if let Err(e) = self.ctrl_work() {
+                        self.needs_reset(&crate::error_chain(&e))?;
+                    }
                 }
             }
             ToDevice::Reset => {
-                self.deactivate(epoll);
+                self.deactivate();
                 tracing::info!("reset");
                 self.runner.send(&FromDevice::ResetDone, &[])?;
             }
@@ -317,7 +321,6 @@ impl Device {
     /// Starts serving an `Activate`; an error is the `NeedsReset` reason.
     fn activate(
         &mut self,
-        epoll: &Epoll,
         features: u64,
         configs: &[QueueConfig],
         fds: Vec<OwnedFd>,
@@ -331,359 +334,275 @@ impl Device {
         if features & bit(VIRTIO_F_VERSION_1) == 0 {
             return Err("VIRTIO_F_VERSION_1 not negotiated".into());
         }
-        if configs.len() != 2 || fds.len() != 4 {
-            return Err(format!(
-                "{} queues with {} eventfds; the device needs receive and transmit",
-                configs.len(),
-                fds.len()
-            ));
-        }
         let neg = Negotiated::from_features(features);
-        let mut rx = None;
-        let mut tx = None;
-        let mut fds = fds.into_iter();
-        for c in configs {
-            let queue = build_queue(c, neg.event_idx, &self.mem)?;
-            let (Some(kick), Some(call)) = (fds.next(), fds.next()) else {
-                return Err("missing eventfds".into());
+        let multiqueue = config::multiqueue(features);
+        // §5.1.2: without MQ one pair, and the control queue (if any) is queue 2.
+        let pairs = if multiqueue { self.pairs } else { 1 };
+        let ctrl_index =
+            (features & bit(VIRTIO_NET_F_CTRL_VQ) != 0).then(|| pairs.saturating_mul(2));
+        let needed = usize::from(pairs.saturating_mul(2)) + usize::from(ctrl_index.is_some());
+        let slots = self.queue_slots(configs, fds, needed, neg.event_idx)?;
+        let mut slots = slots.into_iter();
+        let mut states = Vec::with_capacity(usize::from(pairs));
+        for j in 0..usize::from(pairs) {
+            let (Some(Some(rx)), Some(Some(tx))) = (slots.next(), slots.next()) else {
+                return Err(format!("the queues of pair {j} are missing"));
             };
-            let slot = (queue, File::from(kick), File::from(call));
-            // §5.1.2: queue 0 receives, queue 1 transmits.
-            if c.index == 0 {
-                rx = Some(slot);
-            } else {
-                tx = Some(slot);
-            }
+            let tap = self
+                .taps
+                .get(j)
+                .ok_or_else(|| format!("no tap queue for pair {j}"))?;
+            let queues = PairQueues {
+                rx: RxQueue::new(rx.0),
+                tx: TxQueue::new(tx.0),
+                rx_kick: rx.1,
+                rx_call: rx.2,
+                tx_kick: tx.1,
+                tx_call: tx.2,
+            };
+            states.push(PairState::new(j, queues, Arc::clone(tap)));
         }
-        let (Some((rxq, rx_kick, rx_call)), Some((txq, tx_kick, tx_call))) = (rx, tx) else {
-            return Err("receive or transmit queue missing".into());
+        let ctrl = if ctrl_index.is_some() {
+            let Some(Some((queue, kick, call))) = slots.next() else {
+                return Err("the control queue is missing".into());
+            };
+            Some(CtrlQueue {
+                used: UsedRing::new(&queue),
+                queue,
+                kick,
+                call,
+            })
+        } else {
+            None
         };
         // A tap that is gone takes no settings: the link is (or goes) down, the queues serve.
-        if self.link_up {
-            match self.tap.set_offloads(neg.tap_offloads) {
+        // The offloads are the tap's, not a queue's: one call sets them for every queue.
+        if self.link_up
+            && let Some(tap) = self.taps.first()
+        {
+            match tap.set_offloads(neg.tap_offloads) {
                 Ok(()) => {}
-                Err(TapError::Offload(e @ nix::errno::Errno::EBADFD)) => {
-                    self.link_down(epoll, e)
-                        .map_err(|e| crate::error_chain(&e))?;
+                Err(TapError::Offload(nix::errno::Errno::EBADFD)) => {
+                    self.shared.link_up.store(false, Ordering::SeqCst);
+                    self.worker_news().map_err(|e| crate::error_chain(&e))?;
                 }
                 Err(e) => return Err(crate::error_chain(&e)),
             }
         }
-        let input = |t| EpollEvent::new(EpollFlags::EPOLLIN, t);
-        epoll
-            .add(&rx_kick, input(TOKEN_RX_KICK))
-            .map_err(|e| format!("polling the receive kick: {e}"))?;
-        epoll
-            .add(&tx_kick, input(TOKEN_TX_KICK))
-            .map_err(|e| format!("polling the transmit kick: {e}"))?;
         self.active = Some(Active {
-            rx: RxQueue::new(rxq),
-            tx: TxQueue::new(txq),
-            rx_kick,
-            rx_call,
-            tx_kick,
-            tx_call,
             neg,
-            tap_armed: false,
-            rx_more: false,
-            tx_more: false,
+            multiqueue,
+            enabled: 1,
+            workers: Vec::new(),
+            idle: states,
+            ctrl,
         });
+        self.start_workers().map_err(|e| crate::error_chain(&e))?;
+        if let Some(c) = self.active.as_ref().and_then(|a| a.ctrl.as_ref()) {
+            // The runner keeps its copy of the kick open, so the registration outlives our
+            // descriptor: `deactivate` takes it out again.
+            self.epoll
+                .add(
+                    &c.kick,
+                    EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_CTRL_KICK),
+                )
+                .map_err(|e| format!("polling the control kick: {e}"))?;
+        }
         Ok(())
     }
 
-    /// Stops using the queues: their eventfds close (leaving the poll set), the counters are
-    /// kept, a frame waiting for buffers is dropped.
-    fn deactivate(&mut self, epoll: &Epoll) {
-        if let Some(a) = self.active.take() {
-            self.totals.rx = add_rx(self.totals.rx, a.rx.stats);
-            self.totals.tx = add_tx(self.totals.tx, a.tx.stats);
-            if a.tap_armed && self.link_up {
-                let _ = epoll.modify(
-                    &self.tap,
-                    &mut EpollEvent::new(EpollFlags::empty(), TOKEN_TAP),
-                );
+    /// The first `needed` queues of an `Activate`, by index, each with its kick and call
+    /// eventfds; a queue the negotiated layout does not use is dropped.
+    fn queue_slots(
+        &self,
+        configs: &[QueueConfig],
+        fds: Vec<OwnedFd>,
+        needed: usize,
+        event_idx: bool,
+    ) -> Result<Vec<Option<QueueSlot>>, String> {
+        if fds.len() != configs.len().saturating_mul(2) {
+            return Err(format!(
+                "{} queues with {} eventfds",
+                configs.len(),
+                fds.len()
+            ));
+        }
+        let mut slots: Vec<Option<QueueSlot>> = Vec::new();
+        slots.resize_with(needed, || None);
+        let mut fds = fds.into_iter();
+        for c in configs {
+            let (Some(kick), Some(call)) = (fds.next(), fds.next()) else {
+                return Err("missing eventfds".into());
+            };
+            // A queue beyond the layout: the driver should not enable it.
+            if let Some(slot) = slots.get_mut(usize::from(c.index)) {
+                let queue = build_queue(c, event_idx, &self.mem)?;
+                *slot = Some((queue, File::from(kick), File::from(call)));
             }
         }
-        if self.pending > 0 {
-            self.pending = 0;
-            self.totals.rx_lost = self.totals.rx_lost.saturating_add(1);
-        }
+        Ok(slots)
     }
 
-    /// Moves frames from the tap into the receive ring until the tap is empty, the ring has
-    /// no room or the budget is spent.
-    fn rx_work(&mut self, epoll: &Epoll) -> Result<(), Failure> {
-        let mut starved = false;
-        let mut budget_left = true;
-        for round in 0..=BUDGET {
-            if round == BUDGET {
-                budget_left = false;
-                break;
-            }
-            let Some(a) = self.active.as_mut() else {
-                return Ok(());
-            };
-            if self.pending == 0 {
-                if !self.link_up {
-                    break;
-                }
-                if !a.rx.has_buffers(&self.mem)? {
-                    // §2.7.10: ask for a kick; buffers that came meanwhile are seen here.
-                    if a.rx.queue.enable_notification(&self.mem)? {
-                        continue;
-                    }
-                    starved = true;
-                    break;
-                }
-                if !self.read_tap(epoll)? {
-                    break;
-                }
-                continue;
-            }
-            let Some(a) = self.active.as_mut() else {
-                return Ok(());
-            };
-            let packet = self.rx_buf.get(..self.pending).unwrap_or_default();
-            match a.rx.deliver(&self.mem, packet, &a.neg)? {
-                RxOutcome::Delivered { .. } | RxOutcome::Dropped => self.pending = 0,
-                RxOutcome::NoBuffers => {
-                    if a.rx.queue.enable_notification(&self.mem)? {
-                        continue;
-                    }
-                    starved = true;
-                    break;
-                }
-            }
-        }
-        let link_up = self.link_up;
+    /// Hands the tap queues to the enabled pairs (queue `i` to pair `i mod enabled`) and
+    /// starts a worker per pair.
+    fn start_workers(&mut self) -> Result<(), DeviceError> {
         let Some(a) = self.active.as_mut() else {
             return Ok(());
         };
-        a.rx_more = !budget_left && link_up;
-        if !starved {
-            // Buffers are at hand: kicks are not needed until the ring runs dry again.
-            a.rx.queue.disable_notification(&self.mem)?;
+        let enabled = usize::from(a.enabled.max(1));
+        for t in self.rx_taps.drain(..) {
+            if let Some(s) = a.idle.get_mut(t.queue % enabled) {
+                s.rx_taps.push(t);
+            }
         }
-        let want_armed = link_up && !starved;
-        if want_armed != a.tap_armed {
-            let flags = if want_armed {
-                EpollFlags::EPOLLIN
-            } else {
-                EpollFlags::empty()
-            };
-            epoll
-                .modify(&self.tap, &mut EpollEvent::new(flags, TOKEN_TAP))
-                .map_err(|e| Failure::Device(DeviceError::Epoll(e)))?;
-            a.tap_armed = want_armed;
-        }
-        // Chains returned empty need an interrupt as much as delivered frames.
-        if a.rx.used.needs_interrupt(&self.mem)? {
-            let _ = a.rx_call.write(&1u64.to_ne_bytes());
+        for s in a.idle.drain(..) {
+            let w = Worker::start(
+                s,
+                self.mem.clone(),
+                a.neg,
+                self.mtu,
+                Arc::clone(&self.shared),
+            )
+            .map_err(DeviceError::Thread)?;
+            a.workers.push(w);
         }
         Ok(())
     }
 
-    /// Reads one frame into the bounce buffer; false when there is none (or the tap is gone).
-    fn read_tap(&mut self, epoll: &Epoll) -> Result<bool, Failure> {
-        match self.tap.recv(&mut self.rx_buf) {
-            Ok(n) if n >= HEADER_LEN => {
-                self.pending = n;
-                Ok(true)
-            }
-            Ok(_) => {
-                self.totals.rx_lost = self.totals.rx_lost.saturating_add(1);
-                Ok(true)
-            }
-            Err(TapIo::WouldBlock) => Ok(false),
-            Err(TapIo::Failed(e)) => {
-                tracing::debug!(error = %e, "reading the tap failed");
-                self.totals.rx_lost = self.totals.rx_lost.saturating_add(1);
-                Ok(false)
-            }
-            Err(TapIo::Gone(e)) => {
-                self.link_down(epoll, e).map_err(Failure::Device)?;
-                Ok(false)
+    /// Stops every worker; their states go back to `idle`, the tap queues to `rx_taps`.
+    fn stop_workers(&mut self) -> Result<(), DeviceError> {
+        let Some(a) = self.active.as_mut() else {
+            return Ok(());
+        };
+        let mut panicked = false;
+        for w in a.workers.drain(..) {
+            match w.stop() {
+                Some(mut s) => {
+                    self.rx_taps.append(&mut s.rx_taps);
+                    a.idle.push(s);
+                }
+                None => panicked = true,
             }
         }
+        self.rx_taps.sort_by_key(|t| t.queue);
+        if panicked {
+            return Err(DeviceError::WorkerPanicked);
+        }
+        Ok(())
     }
 
-    /// Sends the transmit ring's frames to the tap.
-    fn tx_work(&mut self, epoll: &Epoll) -> Result<(), Failure> {
-        let mut more = false;
-        let mut gone = None;
-        {
+    /// Answers the control queue's commands.
+    fn ctrl_work(&mut self) -> Result<(), RingError> {
+        loop {
             let Some(a) = self.active.as_mut() else {
                 return Ok(());
             };
-            'outer: loop {
-                a.tx.queue.disable_notification(&self.mem)?;
-                for _ in 0..BUDGET {
-                    let Some((head, frame)) = a.tx.next_frame(&self.mem, self.mtu, a.neg.tx)?
-                    else {
-                        // §2.7.10: re-enabling reports chains that came meanwhile.
-                        if a.tx.queue.enable_notification(&self.mem)? {
-                            continue 'outer;
-                        }
-                        break 'outer;
-                    };
-                    match frame {
-                        Err(why) => {
-                            tracing::trace!(head, %why, "dropping a transmitted frame");
-                            a.tx.stats.count_drop(&why);
-                        }
-                        Ok(_) if !self.link_up || gone.is_some() => {
-                            a.tx.stats.no_link = a.tx.stats.no_link.saturating_add(1);
-                        }
-                        Ok(f) => match self.tap.send(&f.header, &self.mem, &f.segments) {
-                            Ok(()) => {
-                                a.tx.stats.frames = a.tx.stats.frames.saturating_add(1);
-                                a.tx.stats.bytes =
-                                    a.tx.stats.bytes.saturating_add(u64::from(f.len));
-                            }
-                            Err(TapIo::Gone(e)) => gone = Some(e),
-                            Err(TapIo::Failed(_) | TapIo::WouldBlock) => {
-                                a.tx.stats.tap_errors = a.tx.stats.tap_errors.saturating_add(1);
-                            }
-                        },
-                    }
-                    // §5.1.6.2: the device writes nothing into a transmit buffer.
-                    a.tx.used.push(&self.mem, head, 0)?;
-                }
-                more = true;
-                break;
-            }
-            a.tx.used.publish(&self.mem)?;
-            a.tx_more = more;
-            if a.tx.used.needs_interrupt(&self.mem)? {
-                let _ = a.tx_call.write(&1u64.to_ne_bytes());
-            }
-        }
-        if let Some(e) = gone {
-            self.link_down(epoll, e).map_err(Failure::Device)?;
-        }
-        Ok(())
-    }
-
-    /// The tap went away: stop polling it, tell the driver the link is down.
-    fn link_down(&mut self, epoll: &Epoll, why: nix::errno::Errno) -> Result<(), DeviceError> {
-        if !self.link_up {
-            return Ok(());
-        }
-        self.link_up = false;
-        if self.pending > 0 {
-            self.pending = 0;
-            self.totals.rx_lost = self.totals.rx_lost.saturating_add(1);
-        }
-        let _ = epoll.delete(&self.tap);
-        if let Some(a) = self.active.as_mut() {
-            a.tap_armed = false;
-            a.rx_more = false;
-        }
-        tracing::warn!(error = %why, "the tap went away; link down");
-        let config = config::config_space(self.mac, false, self.mtu);
-        self.info.config.clone_from(&config);
-        self.runner
-            .send(&FromDevice::ConfigChanged { config }, &[])?;
-        Ok(())
-    }
-
-    fn totals_now(&self) -> Totals {
-        let mut t = self.totals;
-        if let Some(a) = &self.active {
-            t.rx = add_rx(t.rx, a.rx.stats);
-            t.tx = add_tx(t.tx, a.tx.stats);
-        }
-        t
-    }
-
-    /// Logs the counters: at exit (info), or on the timer (debug).
-    fn log_totals(&self, exiting: bool) {
-        let t = self.totals_now();
-        macro_rules! totals {
-            ($level:ident, $msg:literal) => {
-                tracing::$level!(
-                    rx_frames = t.rx.frames,
-                    rx_bytes = t.rx.bytes,
-                    rx_too_big = t.rx.too_big,
-                    rx_bad_chains = t.rx.bad_chains,
-                    rx_lost = t.rx_lost,
-                    tx_frames = t.tx.frames,
-                    tx_bytes = t.tx.bytes,
-                    tx_bad_chains = t.tx.bad_chains,
-                    tx_bad_headers = t.tx.bad_headers,
-                    tx_no_link = t.tx.no_link,
-                    tx_tap_errors = t.tx.tap_errors,
-                    link_up = self.link_up,
-                    $msg
-                )
+            let multiqueue = a.multiqueue;
+            let Some(c) = a.ctrl.as_mut() else {
+                return Ok(());
             };
+            let Some(cmd) = ctrl::pop_command(&mut c.queue, &self.mem)? else {
+                break;
+            };
+            let answer = if cmd.malformed {
+                tracing::debug!(head = cmd.head, "malformed control chain");
+                ctrl::Answer {
+                    ack: ctrl::ACK_ERR,
+                    set_pairs: None,
+                }
+            } else {
+                ctrl::answer(&cmd.bytes, self.pairs, multiqueue)
+            };
+            if let Some(pairs) = answer.set_pairs {
+                self.set_pairs(pairs);
+            }
+            tracing::debug!(
+                class = cmd.bytes.first(),
+                command = cmd.bytes.get(1),
+                ack = answer.ack,
+                "control command"
+            );
+            let Some(c) = self.active.as_mut().and_then(|a| a.ctrl.as_mut()) else {
+                return Ok(());
+            };
+            let len = ctrl::write_ack(&cmd, answer.ack, &self.mem);
+            c.used.push(&self.mem, cmd.head, len)?;
+            c.used.publish(&self.mem)?;
         }
-        if exiting {
-            totals!(info, "counters at exit");
-        } else {
-            totals!(debug, "counters");
-        }
-    }
-}
-
-/// Which tokens an epoll wait reported, and whether the tap reported an error.
-fn ready_tokens<'a>(events: impl Iterator<Item = &'a EpollEvent>) -> ([bool; 5], bool) {
-    let mut ready = [false; 5];
-    let mut tap_error = false;
-    for ev in events {
-        if let Some(r) = usize::try_from(ev.data())
-            .ok()
-            .and_then(|i| ready.get_mut(i))
+        if let Some(c) = self.active.as_mut().and_then(|a| a.ctrl.as_mut())
+            && c.used.needs_interrupt(&self.mem)?
         {
-            *r = true;
+            let _ = c.call.write(&1u64.to_ne_bytes());
         }
-        if ev.data() == TOKEN_TAP
-            && ev
-                .events()
-                .intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP)
-        {
-            tap_error = true;
+        Ok(())
+    }
+
+    /// `VQ_PAIRS_SET`: receive on pairs `0..pairs` from now on (before the ack is published,
+    /// §5.1.6.5.5).
+    fn set_pairs(&mut self, pairs: u16) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        if a.enabled == pairs {
+            return;
+        }
+        tracing::info!(from = a.enabled, to = pairs, "queue pairs enabled");
+        let restarted = self.stop_workers().and_then(|()| {
+            if let Some(a) = self.active.as_mut() {
+                a.enabled = pairs;
+            }
+            self.start_workers()
+        });
+        if let Err(e) = restarted {
+            self.shared.needs_reset(crate::error_chain(&e));
         }
     }
-    (ready, tap_error)
-}
 
-/// Why a data-path step stopped.
-#[derive(Debug)]
-enum Failure {
-    Ring(RingError),
-    Device(DeviceError),
-}
-
-impl From<RingError> for Failure {
-    fn from(e: RingError) -> Self {
-        Failure::Ring(e)
+    /// Stops using the queues: workers stop, eventfds close, counters are kept, frames
+    /// waiting for buffers are dropped.
+    fn deactivate(&mut self) {
+        if self.active.is_none() {
+            return;
+        }
+        if let Err(e) = self.stop_workers() {
+            tracing::error!(error = %crate::error_chain(&e), "stopping the queue pairs");
+        }
+        if let Some(mut a) = self.active.take() {
+            if let Some(c) = &a.ctrl {
+                let _ = self.epoll.delete(&c.kick);
+            }
+            for s in &mut a.idle {
+                self.totals = self.totals.plus(s.take_stats());
+            }
+        }
+        for t in &mut self.rx_taps {
+            if t.drop_pending() {
+                self.totals.rx_lost = self.totals.rx_lost.saturating_add(1);
+            }
+        }
+        if let Ok(mut r) = self.shared.reset.lock() {
+            r.take();
+        }
     }
-}
 
-impl From<virtio_queue::Error> for Failure {
-    fn from(e: virtio_queue::Error) -> Self {
-        Failure::Ring(RingError::Avail(e))
-    }
-}
-
-fn add_rx(a: RxStats, b: RxStats) -> RxStats {
-    RxStats {
-        frames: a.frames.saturating_add(b.frames),
-        bytes: a.bytes.saturating_add(b.bytes),
-        too_big: a.too_big.saturating_add(b.too_big),
-        bad_chains: a.bad_chains.saturating_add(b.bad_chains),
-    }
-}
-
-fn add_tx(a: TxStats, b: TxStats) -> TxStats {
-    TxStats {
-        frames: a.frames.saturating_add(b.frames),
-        bytes: a.bytes.saturating_add(b.bytes),
-        bad_chains: a.bad_chains.saturating_add(b.bad_chains),
-        bad_headers: a.bad_headers.saturating_add(b.bad_headers),
-        no_link: a.no_link.saturating_add(b.no_link),
-        tap_errors: a.tap_errors.saturating_add(b.tap_errors),
+    /// Logs the counters (at exit).
+    fn log_totals(&self) {
+        let t = self.totals;
+        tracing::info!(
+            rx_frames = t.rx.frames,
+            rx_bytes = t.rx.bytes,
+            rx_too_big = t.rx.too_big,
+            rx_bad_chains = t.rx.bad_chains,
+            rx_lost = t.rx_lost,
+            tx_frames = t.tx.frames,
+            tx_bytes = t.tx.bytes,
+            tx_bad_chains = t.tx.bad_chains,
+            tx_bad_headers = t.tx.bad_headers,
+            tx_no_link = t.tx.no_link,
+            tx_tap_errors = t.tx.tap_errors,
+            link_up = self.link_up,
+            "counters at exit"
+        );
     }
 }
 
@@ -693,10 +612,6 @@ fn format_mac(m: [u8; 6]) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
-
-use child::drain_eventfd as drain;
-
-use child::supervisor_hung_up;
 
 #[cfg(test)]
 mod tests {

@@ -1,11 +1,13 @@
 //! `dev-net`: serves one virtio-net NIC (virtio 1.2 §5.1) to one guest over one tap.
 //!
 //! Started by the per-VM supervisor with its bootstrap channel on fd 3. It receives its log,
-//! the guest RAM memfd, one tap descriptor (opened by netcfg with `IFF_TAP | IFF_NO_PI |
-//! IFF_VNET_HDR`) and its channel to the vcpu-runner, enters capability mode (`child::start`,
-//! with this crate's `seccomp.policy`), then reads a [`proto::device::DeviceSetup::Net`] on the
-//! bootstrap channel and serves the runner: one receive and one transmit queue, `MRG_RXBUF`,
-//! checksum and TSO offloads through the tap's virtio header (`TUNSETVNETHDRSZ`,
+//! the guest RAM memfd, one tap descriptor per queue pair (the queues of one tap made by
+//! netcfg with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, and `IFF_MULTI_QUEUE` for more than one)
+//! and its channel to the vcpu-runner, enters capability mode (`child::start`, with this
+//! crate's `seccomp.policy`, threads allowed), then reads a [`proto::device::DeviceSetup::Net`]
+//! on the bootstrap channel and serves the runner: receive/transmit queue pairs, each on its
+//! own thread and tap queue, with `MQ` and a control queue when there are several,
+//! `MRG_RXBUF`, checksum and TSO offloads through the tap's virtio header (`TUNSETVNETHDRSZ`,
 //! `TUNSETOFFLOAD`), `EVENT_IDX`, the link status in the configuration space.
 //!
 //! Layout:
@@ -15,7 +17,10 @@
 //! - [`tx`]: one transmit chain → a checked header and the frame's guest buffers.
 //! - [`tap`]: the tap descriptor (ioctls, non-blocking read, `writev`).
 //! - [`config`]: feature bits, the configuration space, the tap offloads.
-//! - [`device`]: the event loop and the control side (`Info`, `Activate`, `Reset`).
+//! - [`ctrl`]: the control queue's commands (`VQ_PAIRS_SET`).
+//! - [`pair`]: one queue pair's worker thread (the data path).
+//! - [`device`]: the control side (`Info`, `Activate`, `Reset`, the control queue, the
+//!   workers).
 //!
 //! Trusts: its supervisor, for the bootstrap and setup (still validated), and the kernel's tap
 //! for the frames it hands over. Does not trust the runner's messages beyond their validated
@@ -25,8 +30,10 @@
 //! bounds-checked slices.
 
 pub mod config;
+pub mod ctrl;
 pub mod device;
 pub mod header;
+pub mod pair;
 pub mod ring;
 pub mod rx;
 pub mod tap;
@@ -63,7 +70,7 @@ pub fn run() -> Result<(), RunError> {
     let mut started = child::start(child::ChildKind {
         role_name: ROLE,
         policy: SECCOMP_POLICY,
-        threads: false,
+        threads: true,
     })?;
     let Some(setup) =
         child::recv_setup::<DeviceSetup>(&started.channel).map_err(RunError::Setup)?
@@ -74,10 +81,14 @@ pub fn run() -> Result<(), RunError> {
         return Err(RunError::WrongSetup);
     };
     let mut take = |role| started.take_fd(&role).ok_or(DeviceError::MissingFd(role));
+    let memory = take(FdRole::GuestMemory)?;
+    let runner = Channel::from_fd(take(FdRole::DeviceChannel)?);
+    // The tap's queues, in the order they were passed: one per queue pair.
+    let taps = std::iter::from_fn(|| started.take_fd(&FdRole::Tap)).collect();
     let fds = DeviceFds {
-        memory: take(FdRole::GuestMemory)?,
-        tap: take(FdRole::Tap)?,
-        runner: Channel::from_fd(take(FdRole::DeviceChannel)?),
+        memory,
+        taps,
+        runner,
     };
     let device = Device::new(&setup, fds)?;
     device.serve(&started.channel)?;

@@ -215,9 +215,9 @@ mod tests {
 
     fn neg(mergeable: bool) -> Negotiated {
         let f = if mergeable {
-            features()
+            features(1)
         } else {
-            features() & !bit(VIRTIO_NET_F_MRG_RXBUF)
+            features(1) & !bit(VIRTIO_NET_F_MRG_RXBUF)
         };
         Negotiated::from_features(f)
     }

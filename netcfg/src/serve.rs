@@ -92,9 +92,14 @@ impl Server {
         Server { setup, rtnl }
     }
 
-    /// Answers one request; never fails (a failure is an error reply).
+    /// Answers one request; never fails (a failure is an error reply). The request's fds are
+    /// closed when it returns: the taps stay alive through the parent's copies.
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "taking the fds closes netcfg's copies once the request is answered"
+    )]
     pub fn handle(&mut self, request: &NetcfgRequest, fds: Vec<OwnedFd>) -> NetcfgReply {
-        match self.try_handle(request, fds) {
+        match self.try_handle(request, &fds) {
             Ok(reply) => reply,
             Err(e) => {
                 let message = error_chain(&e);
@@ -107,7 +112,7 @@ impl Server {
     fn try_handle(
         &mut self,
         request: &NetcfgRequest,
-        mut fds: Vec<OwnedFd>,
+        fds: &[OwnedFd],
     ) -> Result<NetcfgReply, RequestError> {
         request.validate()?;
         if fds.len() != request.fd_count() {
@@ -128,12 +133,10 @@ impl Server {
                 self.set_addresses(bridge, addresses)
             }
             NetcfgRequest::SetPrivate { bridge, private } => self.set_private(bridge, *private),
-            NetcfgRequest::CreateTap { bridge, nic, mtu } => {
-                let tun = fds.pop().ok_or(RequestError::FdCount {
-                    expected: 1,
-                    got: 0,
-                })?;
-                return self.create_tap(bridge.as_deref(), *nic, *mtu, &tun);
+            NetcfgRequest::CreateTap {
+                bridge, nic, mtu, ..
+            } => {
+                return self.create_tap(bridge.as_deref(), *nic, *mtu, fds);
             }
             NetcfgRequest::DeleteTaps => return self.delete_taps(),
             NetcfgRequest::Link { ifname } => return self.link_state(ifname),
@@ -373,13 +376,25 @@ impl Server {
         bridge: Option<&str>,
         nic: u16,
         mtu: Option<u32>,
-        tun: &OwnedFd,
+        tuns: &[OwnedFd],
     ) -> Result<NetcfgReply, RequestError> {
         if self.setup.tap_owner.is_empty() {
             return Err(RequestError::NoGuest);
         }
         let br = bridge.map(|b| self.bridge(b)).transpose()?;
-        let name = self.make_tap(tun)?;
+        let (first, rest) = tuns.split_first().ok_or(RequestError::FdCount {
+            expected: 1,
+            got: 0,
+        })?;
+        let name = self.make_tap(first, !rest.is_empty())?;
+        // Each further fd becomes a queue of the same tap; the tap vanishes with its fds if
+        // this fails (the parent drops them on the error reply).
+        for tun in rest {
+            tun::attach_queue(tun.as_fd(), &name).map_err(|source| RequestError::Tun {
+                name: name.clone(),
+                source,
+            })?;
+        }
         let tap = self
             .rtnl
             .link(&name)?
@@ -406,13 +421,13 @@ impl Server {
         {
             self.rtnl.set_isolated(tap.index, true)?;
         }
-        tracing::info!(tap = %name, %alias, bridge = ?bridge, "tap created");
+        tracing::info!(tap = %name, %alias, bridge = ?bridge, queues = tuns.len(), "tap created");
         Ok(NetcfgReply::Tap { name })
     }
 
     /// `TUNSETIFF` with the first free `capvm-tapN`; a name taken since the listing (the
     /// kernel's `EBUSY`/`EEXIST`) moves on to the next.
-    fn make_tap(&mut self, tun: &OwnedFd) -> Result<String, RequestError> {
+    fn make_tap(&mut self, tun: &OwnedFd, multi_queue: bool) -> Result<String, RequestError> {
         let taken: Vec<String> = self.rtnl.links()?.into_iter().map(|l| l.name).collect();
         let mut attempts = 0usize;
         for n in 0..=MAX_TAP_NUMBER {
@@ -420,7 +435,7 @@ impl Server {
             if taken.contains(&name) {
                 continue;
             }
-            match tun::create_tap(tun.as_fd(), &name) {
+            match tun::create_tap(tun.as_fd(), &name, multi_queue) {
                 Ok(()) => return Ok(name),
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EEXIST)) => {
                     attempts = attempts.saturating_add(1);
@@ -601,6 +616,7 @@ mod tests {
                 bridge: None,
                 nic: 0,
                 mtu: None,
+                queues: 1,
             },
             vec![OwnedFd::from(tun)],
         );
@@ -617,11 +633,26 @@ mod tests {
                 bridge: None,
                 nic: 0,
                 mtu: None,
+                queues: 1,
             },
             Vec::new(),
         );
         assert!(
             error_text(&reply).contains("needs 1 file descriptors"),
+            "{reply:?}"
+        );
+        let (tun, _other) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let reply = server.handle(
+            &NetcfgRequest::CreateTap {
+                bridge: None,
+                nic: 0,
+                mtu: None,
+                queues: 2,
+            },
+            vec![OwnedFd::from(tun)],
+        );
+        assert!(
+            error_text(&reply).contains("needs 2 file descriptors"),
             "{reply:?}"
         );
     }

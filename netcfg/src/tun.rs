@@ -13,6 +13,8 @@ pub const IFF_TAP: i16 = 0x0002;
 pub const IFF_NO_PI: i16 = 0x1000;
 /// Frames carry a `virtio_net_hdr` (dev-net's offloads).
 pub const IFF_VNET_HDR: i16 = 0x4000;
+/// The tap has several queues, one per descriptor (`TUNSETIFF` on each, same name).
+pub const IFF_MULTI_QUEUE: i16 = 0x0100;
 /// Fail with `EBUSY` rather than attach to a tap that already exists.
 // 0x8000 does not fit an i16 literal; the kernel's `short` holds the same bits.
 pub const IFF_TUN_EXCL: i16 = i16::from_ne_bytes(0x8000u16.to_ne_bytes());
@@ -25,12 +27,32 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// Makes `tun` the new tap `name` (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), refusing to attach
-/// to an existing device (`IFF_TUN_EXCL`: `EBUSY`).
-pub fn create_tap(tun: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+/// Makes `tun` the new tap `name` (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, with
+/// `IFF_MULTI_QUEUE` when `multi_queue`), refusing to attach to an existing device
+/// (`IFF_TUN_EXCL`: `EBUSY`).
+pub fn create_tap(tun: BorrowedFd<'_>, name: &str, multi_queue: bool) -> io::Result<()> {
+    let mq = if multi_queue { IFF_MULTI_QUEUE } else { 0 };
+    set_iff(
+        tun,
+        name,
+        IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL | mq,
+    )
+}
+
+/// Attaches `tun` as a further queue of the multi-queue tap `name` that [`create_tap`] just
+/// made; the kernel refuses (`EINVAL`) if `name` is not a multi-queue tap with these flags.
+pub fn attach_queue(tun: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    set_iff(
+        tun,
+        name,
+        IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE,
+    )
+}
+
+fn set_iff(tun: BorrowedFd<'_>, name: &str, flags: i16) -> io::Result<()> {
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL,
+        flags,
         _pad: [0; 22],
     };
     // Leave room for the terminating NUL.
@@ -67,13 +89,14 @@ mod tests {
     #[test]
     fn a_name_too_long_is_refused_before_the_ioctl() {
         let (r, _w) = std::io::pipe().unwrap();
-        let err = create_tap(r.as_fd(), "sixteen-chars-xx").unwrap_err();
+        let err = create_tap(r.as_fd(), "sixteen-chars-xx", false).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENAMETOOLONG));
     }
 
     #[test]
     fn a_descriptor_that_is_not_tun_is_refused_by_the_kernel() {
         let (r, _w) = std::io::pipe().unwrap();
-        assert!(create_tap(r.as_fd(), "capvm-tap0").is_err());
+        assert!(create_tap(r.as_fd(), "capvm-tap0", true).is_err());
+        assert!(attach_queue(r.as_fd(), "capvm-tap0").is_err());
     }
 }

@@ -105,9 +105,10 @@ pub enum FdRole {
 }
 
 impl FdRole {
-    /// Whether a child may receive more than one fd of this role.
+    /// Whether a child may receive more than one fd of this role: the runner's device
+    /// channels, and the queues of a multi-queue tap (one per virtio-net queue pair).
     pub fn may_repeat(self) -> bool {
-        matches!(self, FdRole::DeviceChannel)
+        matches!(self, FdRole::DeviceChannel | FdRole::Tap)
     }
 }
 

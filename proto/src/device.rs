@@ -145,9 +145,25 @@ impl BlockSetup {
 
 /// Smallest MTU a [`NetSetup`] may offer (IPv4's minimum datagram, RFC 791).
 pub const MIN_NET_MTU: u16 = 68;
+/// Most receive/transmit queue pairs of a virtio-net device: with its control queue a device
+/// of `n` pairs has `2n + 1` queues, which must stay within [`MAX_QUEUES`] (and their two
+/// eventfds each within one message's [`MAX_FDS`](crate::MAX_FDS)).
+pub const MAX_NET_QUEUE_PAIRS: u16 = (MAX_QUEUES - 1) / 2;
+
+/// The queue count of a virtio-net device with `pairs` queue pairs (§5.1.2): `rx0, tx0`
+/// alone for one pair; `rx0, tx0, …, rxN-1, txN-1, ctrl` for more.
+pub const fn net_queue_count(pairs: u16) -> u16 {
+    if pairs <= 1 {
+        2
+    } else {
+        pairs.saturating_mul(2).saturating_add(1)
+    }
+}
 
 /// A virtio-net device (`networkN`). Its fds, in order: `Log`, `GuestMemory`, `Tap` (opened
-/// with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), `DeviceChannel`.
+/// with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), `DeviceChannel`, then one more `Tap` per further
+/// queue pair: the queues of one multi-queue tap (`IFF_MULTI_QUEUE`), queue pair `i` on the
+/// `i`-th `Tap` fd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetSetup {
     /// The guest RAM layout, at most [`MAX_MEMORY_REGIONS`] non-overlapping regions.
@@ -156,8 +172,8 @@ pub struct NetSetup {
     pub mac: [u8; 6],
     /// The MTU offered with `VIRTIO_NET_F_MTU`: [`MIN_NET_MTU`]..=65535.
     pub mtu: u16,
-    /// Receive/transmit queue pairs; 1 (multi-queue needs a control queue and a multi-queue
-    /// tap, not there yet).
+    /// Receive/transmit queue pairs, 1..=[`MAX_NET_QUEUE_PAIRS`]; more than one offers
+    /// `VIRTIO_NET_F_MQ` with a control queue, and needs as many `Tap` fds.
     pub queue_pairs: u16,
 }
 
@@ -172,7 +188,7 @@ impl NetSetup {
         if self.mtu < MIN_NET_MTU {
             return Err(DeviceMessageError::Mtu(self.mtu));
         }
-        if self.queue_pairs != 1 {
+        if self.queue_pairs == 0 || self.queue_pairs > MAX_NET_QUEUE_PAIRS {
             return Err(DeviceMessageError::QueuePairs(self.queue_pairs));
         }
         Ok(())
@@ -302,7 +318,7 @@ pub enum DeviceMessageError {
     Mac,
     #[error("MTU {0} is below {MIN_NET_MTU}")]
     Mtu(u16),
-    #[error("{0} queue pairs requested; only 1 is supported")]
+    #[error("{0} queue pairs requested; 1..={MAX_NET_QUEUE_PAIRS} are supported")]
     QueuePairs(u16),
     #[error(
         "a configuration table needs a virtio-input device with a {INPUT_CONFIG_BYTES}-byte space"
@@ -736,10 +752,17 @@ mod tests {
         n.mtu = u16::MAX;
         assert_eq!(n.validate(), Ok(()));
         let mut n = ok.clone();
-        n.queue_pairs = 2;
-        assert_eq!(n.validate(), Err(DeviceMessageError::QueuePairs(2)));
+        n.queue_pairs = MAX_NET_QUEUE_PAIRS;
+        assert_eq!(n.validate(), Ok(()));
+        assert!(net_queue_count(n.queue_pairs) <= MAX_QUEUES);
+        n.queue_pairs = MAX_NET_QUEUE_PAIRS + 1;
+        assert_eq!(
+            n.validate(),
+            Err(DeviceMessageError::QueuePairs(MAX_NET_QUEUE_PAIRS + 1))
+        );
         n.queue_pairs = 0;
         assert!(n.validate().is_err());
+        assert_eq!((net_queue_count(1), net_queue_count(2)), (2, 5));
         let mut n = ok;
         n.memory = vec![];
         assert_eq!(n.validate(), Err(DeviceMessageError::Memory));

@@ -9,7 +9,8 @@
 //!
 //! Taps: the parent opens `/dev/net/tun` (netcfg cannot open paths) and attaches the fd to
 //! [`NetcfgRequest::CreateTap`]; netcfg turns it into a tap with `TUNSETIFF` (`IFF_TAP |
-//! IFF_NO_PI | IFF_VNET_HDR`), names it `capvm-tapN` (the first free N), marks it with the
+//! IFF_NO_PI | IFF_VNET_HDR`, and `IFF_MULTI_QUEUE` when several fds come: the first
+//! creates the tap, the others attach to it as its further queues), names it `capvm-tapN` (the first free N), marks it with the
 //! interface alias `capvm:<guest>:<nic>`, sets its MTU, attaches it to the bridge and brings it
 //! up. The tap is not persistent: it disappears when the last fd to it closes, so a guest's taps
 //! go away with its supervisor and device processes even after a crash. netcfg only deletes or
@@ -54,6 +55,8 @@ pub const MIN_MTU: u32 = 68;
 pub const MAX_MTU: u32 = 65535;
 /// Largest 802.1Q VLAN id.
 pub const MAX_VLAN: u16 = 4094;
+/// Most queues (fds) of one tap: one per virtio-net queue pair.
+pub const MAX_TAP_QUEUES: u16 = crate::device::MAX_NET_QUEUE_PAIRS;
 
 /// What netcfg may touch, sent once after `Ready`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,13 +148,16 @@ pub enum NetcfgRequest {
     /// Isolate (or not) the bridge's tap ports from one another (`vm switch private`): guests
     /// on a private switch reach the uplink and the host but not each other.
     SetPrivate { bridge: String, private: bool },
-    /// Turn the attached `/dev/net/tun` fd into a tap for NIC `nic` of the setup's guest,
-    /// attach it to `bridge` (if any) with `mtu` (if any; else the bridge's). Answered with
-    /// [`NetcfgReply::Tap`]; the fd stays the parent's.
+    /// Turn the attached `/dev/net/tun` fds (`queues` of them, 1..=[`MAX_TAP_QUEUES`]) into
+    /// one tap for NIC `nic` of the setup's guest, attach it to `bridge` (if any) with `mtu`
+    /// (if any; else the bridge's). With more than one fd the tap is multi-queue
+    /// (`IFF_MULTI_QUEUE`): the first fd creates it, each further one attaches a queue, in
+    /// order. Answered with [`NetcfgReply::Tap`]; the fds stay the parent's.
     CreateTap {
         bridge: Option<String>,
         nic: u16,
         mtu: Option<u32>,
+        queues: u16,
     },
     /// Delete every tap of the setup's guest (left over from a crash). [`NetcfgReply::Deleted`].
     DeleteTaps,
@@ -185,9 +191,17 @@ impl NetcfgRequest {
                 validate_ifname(bridge)?;
                 validate_addresses(addresses)
             }
-            NetcfgRequest::CreateTap { bridge, mtu, .. } => {
+            NetcfgRequest::CreateTap {
+                bridge,
+                mtu,
+                queues,
+                ..
+            } => {
                 if let Some(bridge) = bridge {
                     validate_ifname(bridge)?;
+                }
+                if *queues == 0 || *queues > MAX_TAP_QUEUES {
+                    return Err(NetcfgMessageError::TapQueues(*queues));
                 }
                 mtu.map_or(Ok(()), validate_mtu)
             }
@@ -197,7 +211,10 @@ impl NetcfgRequest {
 
     /// How many fds must come with the request.
     pub fn fd_count(&self) -> usize {
-        usize::from(matches!(self, NetcfgRequest::CreateTap { .. }))
+        match self {
+            NetcfgRequest::CreateTap { queues, .. } => usize::from(*queues),
+            _ => 0,
+        }
     }
 }
 
@@ -304,6 +321,8 @@ pub enum NetcfgMessageError {
     Owner(String),
     #[error("text out of bounds")]
     Text,
+    #[error("{0} tap queues requested; 1..={MAX_TAP_QUEUES} are allowed")]
+    TapQueues(u16),
 }
 
 /// Checks a Linux interface name: 1 to [`MAX_IFNAME_BYTES`] bytes of `[A-Za-z0-9_.-]`, not
@@ -461,6 +480,19 @@ mod tests {
                 bridge: Some("x/y".into()),
                 nic: 0,
                 mtu: None,
+                queues: 1,
+            },
+            NetcfgRequest::CreateTap {
+                bridge: None,
+                nic: 0,
+                mtu: None,
+                queues: 0,
+            },
+            NetcfgRequest::CreateTap {
+                bridge: None,
+                nic: 0,
+                mtu: None,
+                queues: MAX_TAP_QUEUES + 1,
             },
         ];
         for request in bad {
@@ -470,9 +502,18 @@ mod tests {
             bridge: Some("vm-public".into()),
             nic: 3,
             mtu: Some(1500),
+            queues: 1,
         };
         assert_eq!(good.validate(), Ok(()));
         assert_eq!(good.fd_count(), 1);
+        let multi = NetcfgRequest::CreateTap {
+            bridge: None,
+            nic: 0,
+            mtu: None,
+            queues: MAX_TAP_QUEUES,
+        };
+        assert_eq!(multi.validate(), Ok(()));
+        assert_eq!(multi.fd_count(), usize::from(MAX_TAP_QUEUES));
         assert_eq!(NetcfgRequest::DeleteTaps.fd_count(), 0);
     }
 

@@ -291,6 +291,50 @@ pub struct Nic {
     pub mac: Option<MacAddr>,
     /// `networkN_device`: an existing tap to attach instead of creating one.
     pub device: Option<String>,
+    /// `networkN_queues`: virtio-net queue pairs (default one).
+    pub queues: NicQueues,
+}
+
+/// `networkN_queues`: how many virtio-net queue pairs (and tap queues) a NIC has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NicQueues {
+    /// This many, 1..=[`proto::device::MAX_NET_QUEUE_PAIRS`].
+    Count(u16),
+    /// One per vCPU (at most [`proto::device::MAX_NET_QUEUE_PAIRS`]).
+    Cpus,
+}
+
+impl Default for NicQueues {
+    /// One pair: multi-queue was not faster where it was measured (see README).
+    fn default() -> Self {
+        NicQueues::Count(1)
+    }
+}
+
+impl NicQueues {
+    /// Parses `cpus` or a number of pairs, 1..=[`proto::device::MAX_NET_QUEUE_PAIRS`].
+    pub fn parse(v: &str) -> Result<NicQueues, String> {
+        let max = proto::device::MAX_NET_QUEUE_PAIRS;
+        if v == "cpus" {
+            return Ok(NicQueues::Cpus);
+        }
+        match v.parse::<u16>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(NicQueues::Count(n)),
+            _ => Err(format!(
+                "queues {v:?} is not cpus or a number of queue pairs from 1 to {max}"
+            )),
+        }
+    }
+
+    /// The pairs for a guest with `cpus` vCPUs.
+    pub fn pairs(self, cpus: u32) -> u16 {
+        let max = proto::device::MAX_NET_QUEUE_PAIRS;
+        match self {
+            NicQueues::Count(n) => n.clamp(1, max),
+            NicQueues::Cpus => u16::try_from(cpus).unwrap_or(max).clamp(1, max),
+        }
+    }
 }
 
 /// `graphics_wait`.
@@ -788,6 +832,9 @@ impl Checker<'_> {
                 .map(|()| v.to_owned())
                 .map_err(|e| e.to_string())
         });
+        let queues = self
+            .typed(&format!("network{n}_queues"), NicQueues::parse)
+            .unwrap_or_default();
         let emulation = emulation?;
         if emulation == NicEmulation::E1000 {
             let line = self.value(&type_key).map_or(0, |(_, l)| l);
@@ -803,6 +850,7 @@ impl Checker<'_> {
             switch,
             mac,
             device,
+            queues,
         })
     }
 }
@@ -943,6 +991,38 @@ mod tests {
             "cpu=x\nmemory=lots\ngraphics_port=0\nuuid=nope\nnetwork0_type=virtio-net\nnetwork0_mac=01:00:00:00:00:01\n",
         );
         assert_eq!(errs.len(), 5, "{errs:?}");
+    }
+
+    #[test]
+    fn network_queues_are_a_pair_count_or_cpus_and_default_to_one() {
+        let c = parse(
+            "cpu=4\nnetwork0_type=virtio-net\nnetwork1_type=virtio-net\nnetwork1_queues=cpus\n\
+             network2_type=virtio-net\nnetwork2_queues=\"3\"\n",
+        )
+        .unwrap()
+        .config;
+        let queues: Vec<NicQueues> = c.nics.iter().map(|n| n.queues).collect();
+        assert_eq!(
+            queues,
+            [NicQueues::Count(1), NicQueues::Cpus, NicQueues::Count(3)]
+        );
+        assert_eq!(NicQueues::Cpus.pairs(4), 4);
+        assert_eq!(
+            NicQueues::Cpus.pairs(64),
+            proto::device::MAX_NET_QUEUE_PAIRS
+        );
+        assert_eq!(NicQueues::Count(2).pairs(1), 2);
+        for bad in ["0", "8", "-1", "two"] {
+            let errs = errors(&format!(
+                "network0_type=virtio-net\nnetwork0_queues=\"{bad}\"\n"
+            ));
+            assert_eq!(errs.len(), 1, "{bad:?}: {errs:?}");
+            assert!(
+                errs[0].starts_with("/vm/g/g.conf:2: network0_queues: queues "),
+                "{}",
+                errs[0]
+            );
+        }
     }
 
     #[test]

@@ -527,14 +527,7 @@ fn boot(
 ) -> Result<RunnerProcess, BootError> {
     let disk_log_fds: Vec<_> = disk_logs.iter().map(AsFd::as_fd).collect();
     let nic_log_fds: Vec<_> = nic_logs.iter().map(AsFd::as_fd).collect();
-    let taps: Vec<TapRef<'_>> = network
-        .taps
-        .iter()
-        .map(|t| TapRef {
-            fd: t.fd.as_fd(),
-            mtu: t.mtu,
-        })
-        .collect();
+    let taps: Vec<TapRef<'_>> = network.tap_refs();
     let ctx = BootContext {
         name: &cfg.name,
         runner_binary: &cfg.runner_binary,

@@ -174,23 +174,33 @@ impl NetcfgClient {
         }
     }
 
-    /// Opens `/dev/net/tun` (`O_RDWR | O_CLOEXEC | O_NONBLOCK`), sends
-    /// [`NetcfgRequest::CreateTap`] with it; returns the tap's name and the fd. The tap goes
-    /// away when the last duplicate of the fd is closed.
+    /// Opens `/dev/net/tun` `queues` times (`O_RDWR | O_CLOEXEC | O_NONBLOCK`), sends
+    /// [`NetcfgRequest::CreateTap`] with the fds; returns the tap's name and the fds, one per
+    /// queue in order (a multi-queue tap when `queues` > 1). The tap goes away when the last
+    /// duplicate of its fds is closed.
     pub fn create_tap(
         &mut self,
         bridge: Option<&str>,
         nic: u16,
         mtu: Option<u32>,
-    ) -> Result<(String, OwnedFd), NetcfgClientError> {
-        let tun = open_tun().map_err(NetcfgClientError::TunOpen)?;
+        queues: u16,
+    ) -> Result<(String, Vec<OwnedFd>), NetcfgClientError> {
         let request = NetcfgRequest::CreateTap {
             bridge: bridge.map(str::to_owned),
             nic,
             mtu,
+            queues,
         };
-        match self.request_with_fds(&request, &[tun.as_fd()])? {
-            NetcfgReply::Tap { name } => Ok((name, tun)),
+        request
+            .validate()
+            .map_err(NetcfgClientError::InvalidRequest)?;
+        let tuns = (0..queues)
+            .map(|_| open_tun())
+            .collect::<io::Result<Vec<OwnedFd>>>()
+            .map_err(NetcfgClientError::TunOpen)?;
+        let borrowed: Vec<BorrowedFd<'_>> = tuns.iter().map(AsFd::as_fd).collect();
+        match self.request_with_fds(&request, &borrowed)? {
+            NetcfgReply::Tap { name } => Ok((name, tuns)),
             other => Err(unexpected("CreateTap", &other)),
         }
     }

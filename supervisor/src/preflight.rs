@@ -127,6 +127,8 @@ pub struct NicPlan {
     pub index: u32,
     pub mac: [u8; 6],
     pub backend: NicBackend,
+    /// Virtio-net queue pairs (`networkN_queues` for the guest's vCPUs): the tap's queues.
+    pub queue_pairs: u16,
 }
 
 /// One disk of a boot: what the supervisor opens and what it tells the disk's dev-blk.
@@ -398,10 +400,19 @@ pub fn plan_network(
                 mtu: None,
             }
         };
+        let queue_pairs = nic.queues.pairs(plan.cpus);
+        if queue_pairs > 1 && matches!(backend, NicBackend::Device { .. }) {
+            // Someone else's tap has the queues it was made with: one.
+            return Err(PreflightError::NicUnsupported {
+                index,
+                what: "networkN_queues above 1 with networkN_device",
+            });
+        }
         nics.push(NicPlan {
             index,
             mac,
             backend,
+            queue_pairs,
         });
     }
     plan.nics = nics;
@@ -720,7 +731,7 @@ mod tests {
     #[test]
     fn nics_are_planned_on_their_switch_with_its_mtu() {
         let p = nic_plan(
-            "network0_type=virtio-net\nnetwork0_switch=public\nnetwork0_mac=58:9c:fc:00:00:01\nnetwork1_type=virtio-net\nnetwork1_mac=58:9c:fc:00:00:02\n",
+            "network0_type=virtio-net\nnetwork0_switch=public\nnetwork0_mac=58:9c:fc:00:00:01\nnetwork1_type=virtio-net\nnetwork1_mac=58:9c:fc:00:00:02\nnetwork1_queues=3\n",
             "switch_list=\"public lab\"\nmtu_public=9000\ntype_lab=manual\nbridge_lab=br0\n",
         )
         .unwrap();
@@ -735,7 +746,8 @@ mod tests {
                         switch: Some("public".into()),
                         bridge: Some("vm-public".into()),
                         mtu: Some(9000)
-                    }
+                    },
+                    queue_pairs: 1,
                 },
                 NicPlan {
                     index: 1,
@@ -744,7 +756,8 @@ mod tests {
                         switch: None,
                         bridge: None,
                         mtu: None
-                    }
+                    },
+                    queue_pairs: 3,
                 }
             ]
         );
@@ -794,6 +807,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.nics[0].backend, NicBackend::Device { name: "lo".into() });
+        assert_eq!(p.nics[0].queue_pairs, 1);
+        // Someone else's tap has one queue: more pairs are refused.
+        let err = nic_plan(
+            "network0_type=virtio-net\nnetwork0_device=lo\nnetwork0_mac=58:9c:fc:00:00:01\nnetwork0_queues=2\n",
+            "",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, PreflightError::NicUnsupported { index: 0, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -337,7 +337,7 @@ fn taps_are_vnet_hdr_members_with_the_guest_alias_and_private_ports_are_isolated
         c.set_mtu(BRIDGE, 1400).expect("mtu");
 
         let t0 = Instant::now();
-        let (name, fd) = c.create_tap(Some(BRIDGE), 0, None).expect("create tap");
+        let (name, fd) = c.create_tap(Some(BRIDGE), 0, None, 1).expect("create tap");
         let tap_time = t0.elapsed();
         assert!(name.starts_with("capvm-tap"), "{name}");
         let tap = ns.link(&name).expect("tap exists");
@@ -361,7 +361,7 @@ fn taps_are_vnet_hdr_members_with_the_guest_alias_and_private_ports_are_isolated
         let mut other = start(&[BRIDGE], "guest-b");
         let (name_b, fd_b) = other
             .client
-            .create_tap(Some(BRIDGE), 1, Some(1300))
+            .create_tap(Some(BRIDGE), 1, Some(1300), 1)
             .expect("second tap");
         assert_ne!(name_b, name);
         let tap_b = ns.link(&name_b).expect("second tap");
@@ -391,6 +391,79 @@ fn taps_are_vnet_hdr_members_with_the_guest_alias_and_private_ports_are_isolated
 }
 
 #[test]
+fn a_multi_queue_tap_has_one_fd_per_queue_and_lives_until_the_last_closes() {
+    if skip_unless_root() {
+        return;
+    }
+    let ns = Netns::new();
+    ns.run(|| {
+        let mut s = start(&[BRIDGE], "guest-mq");
+        let c = &mut s.client;
+        c.create_bridge(BRIDGE).expect("bridge");
+        // Arrange + act: a tap of three queues.
+        let (name, mut fds) = c.create_tap(Some(BRIDGE), 0, None, 3).expect("mq tap");
+        // Assert: three fds, each a queue of that one multi-queue tap with a vnet header.
+        assert_eq!(fds.len(), 3);
+        for fd in &fds {
+            let (ifname, flags) = tun_get_iff(fd);
+            assert_eq!(ifname, name);
+            assert_eq!(flags & 0x0100, 0x0100, "IFF_MULTI_QUEUE on {flags:#x}");
+            assert_eq!(flags & 0x4000, 0x4000, "IFF_VNET_HDR on {flags:#x}");
+        }
+        let tap = ns.link(&name).expect("tap exists");
+        assert_eq!(tap["linkinfo"]["info_data"]["multi_queue"], true, "{tap}");
+        assert_eq!(tap["master"], BRIDGE);
+        assert_eq!(tap["ifalias"], "capvm:guest-mq:0");
+        assert_eq!(tap["linkinfo"]["info_data"]["numqueues"], 3, "{tap}");
+        // A single-queue tap is not multi-queue.
+        let (single, single_fd) = c.create_tap(None, 1, None, 1).expect("tap");
+        let flags = tun_get_iff(&single_fd[0]).1;
+        assert_eq!(flags & 0x0100, 0, "{single}: no IFF_MULTI_QUEUE");
+        // Out of bounds: refused before anything is opened.
+        let max = proto::netcfg::MAX_TAP_QUEUES;
+        assert!(c.create_tap(None, 2, None, max + 1).is_err());
+        assert!(c.create_tap(None, 2, None, 0).is_err());
+        let (big, big_fds) = c.create_tap(None, 3, None, max).expect("max queues");
+        assert_eq!(big_fds.len(), usize::from(max));
+        drop(big_fds);
+        assert!(gone_soon(&ns, &big), "{big} outlived its fds");
+        // The tap lives while any queue's fd is open.
+        fds.truncate(1);
+        assert!(ns.link(&name).is_some(), "{name} gone with one queue left");
+        drop(fds);
+        assert!(gone_soon(&ns, &name), "{name} outlived its fds");
+    });
+}
+
+/// Whether link `name` disappears within a second: a process another test forks may hold a
+/// copy of a closed fd until it execs.
+fn gone_soon(ns: &Netns, name: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while ns.link(name).is_some() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// `TUNGETIFF` on a tap fd: its name and `IFF_*` flags.
+fn tun_get_iff(fd: &std::os::fd::OwnedFd) -> (String, u16) {
+    use std::os::fd::AsRawFd;
+    let mut ifr = [0u8; 40];
+    // SAFETY: TUNGETIFF writes one `struct ifreq` (40 bytes) at the pointer, which points at
+    // `ifr`, alive for the call; the fd is held.
+    let r = unsafe { nix::libc::ioctl(fd.as_raw_fd(), 0x8004_54d2, ifr.as_mut_ptr()) };
+    assert_eq!(r, 0, "TUNGETIFF: {}", std::io::Error::last_os_error());
+    let end = ifr[..16].iter().position(|&b| b == 0).unwrap_or(16);
+    (
+        String::from_utf8_lossy(&ifr[..end]).into_owned(),
+        u16::from_ne_bytes([ifr[16], ifr[17]]),
+    )
+}
+
+#[test]
 fn delete_taps_deletes_only_the_guests_own_taps() {
     if skip_unless_root() {
         return;
@@ -400,9 +473,15 @@ fn delete_taps_deletes_only_the_guests_own_taps() {
         let mut a = start(&[BRIDGE], "guest-a");
         let mut b = start(&[BRIDGE], "guest-b");
         a.client.create_bridge(BRIDGE).expect("bridge");
-        let (a0, _a0_fd) = a.client.create_tap(Some(BRIDGE), 0, None).expect("tap a0");
-        let (a1, _a1_fd) = a.client.create_tap(None, 1, None).expect("tap a1");
-        let (b0, _b0_fd) = b.client.create_tap(Some(BRIDGE), 0, None).expect("tap b0");
+        let (a0, _a0_fd) = a
+            .client
+            .create_tap(Some(BRIDGE), 0, None, 1)
+            .expect("tap a0");
+        let (a1, _a1_fd) = a.client.create_tap(None, 1, None, 1).expect("tap a1");
+        let (b0, _b0_fd) = b
+            .client
+            .create_tap(Some(BRIDGE), 0, None, 1)
+            .expect("tap b0");
 
         // The fds are still held (as after a crash of the guest's device processes).
         let mut deleted = a.client.delete_taps().expect("delete taps");
@@ -428,7 +507,10 @@ fn bad_requests_are_refused_and_netcfg_keeps_answering() {
     ]);
     ns.run(|| {
         let mut guest_b = start(&[BRIDGE, OTHER_BRIDGE], "guest-b");
-        let (tap_b, _tap_b_fd) = guest_b.client.create_tap(None, 0, None).expect("b's tap");
+        let (tap_b, _tap_b_fd) = guest_b
+            .client
+            .create_tap(None, 0, None, 1)
+            .expect("b's tap");
         let mut s = start(&[BRIDGE, OTHER_BRIDGE], "guest-a");
         let c = &mut s.client;
         c.create_bridge(BRIDGE).expect("bridge");
@@ -472,7 +554,7 @@ fn bad_requests_are_refused_and_netcfg_keeps_answering() {
         still_answers(c);
 
         let mut cli = start(&[BRIDGE], "");
-        let err = cli.client.create_tap(Some(BRIDGE), 0, None).map(drop);
+        let err = cli.client.create_tap(Some(BRIDGE), 0, None, 1).map(drop);
         let m = refused(err, "a tap without a guest");
         assert!(m.contains("serves no guest"), "{m}");
         still_answers(&mut cli.client);
@@ -617,6 +699,7 @@ fn netcfg_itself_refuses_bad_names_missing_fds_and_malformed_packets() {
             bridge: None,
             nic: 0,
             mtu: None,
+            queues: 1,
         };
         let reply = ask!(&no_fd);
         assert!(is_error(&reply, "file descriptors"), "{reply:?}");

@@ -10,8 +10,12 @@
 //!   The guest pings the host first (IPv4, IPv6), then the host pings the guest first after
 //!   both forgot their neighbours (the forum thread's IPv6 case); the manual switch carries
 //!   pings too; 100 MiB over TCP arrive intact (SHA-256 on both ends); each dev-net is
-//!   sandboxed; after `vm stop` no tap is left and the bridges keep their addresses.
-//! - `two_guests_on_one_switch_reach_each_other`: two guests on one switch ping each other.
+//!   sandboxed; after `vm stop` no tap is left and the bridges keep their addresses. With
+//!   `networkN_queues="cpus"` in its config the 2-vCPU guest's NICs are multi-queue:
+//!   two-queue taps, `rx-0`/`rx-1`/`tx-0`/`tx-1` in the guest, both pairs enabled by its
+//!   driver (`VQ_PAIRS_SET`), and the stream runs over them.
+//! - `two_guests_on_one_switch_reach_each_other`: two guests on one switch ping each other,
+//!   each NIC with the default single queue pair.
 
 use std::fs;
 use std::io::Write;
@@ -159,7 +163,8 @@ fn host_and_guest() -> anyhow::Result<()> {
         ],
         conf: format!(
             "network0_type=\"virtio-net\"\nnetwork0_switch=\"public\"\nnetwork0_mac=\"{}\"\n\
-             network1_type=\"virtio-net\"\nnetwork1_switch=\"manual\"\nnetwork1_mac=\"{}\"\n",
+             network0_queues=\"cpus\"\nnetwork1_type=\"virtio-net\"\n\
+             network1_switch=\"manual\"\nnetwork1_mac=\"{}\"\nnetwork1_queues=\"cpus\"\n",
             MACS[0], MACS[1]
         ),
     };
@@ -217,12 +222,13 @@ fn host_and_guest_checks(ns: &Netns, vm: &mut TestVm) -> anyhow::Result<()> {
         procfs::assert_sandboxed(pid).with_context(|| format!("dev-net pid {pid}"))?;
     }
 
-    guest_ifup(
+    let ifname = guest_ifup(
         vm,
         MACS[0],
         &[&format!("{}/24", GUEST4[0]), &format!("{}/64", GUEST6[0])],
     )?;
     guest_ifup(vm, MACS[1], &[&format!("{MANUAL_GUEST4}/24")])?;
+    multi_queue_checks(ns, vm, &taps, &ifname)?;
     // The guest first.
     guest_ping(vm, HOST4)?;
     guest_ping(vm, HOST6)?;
@@ -235,6 +241,46 @@ fn host_and_guest_checks(ns: &Netns, vm: &mut TestVm) -> anyhow::Result<()> {
     ns.ping(GUEST4[0])?;
     ns.ping(MANUAL_GUEST4)?;
     tcp_stream(ns, vm)
+}
+
+/// A guest of [`CPUS`] vCPUs gets a queue pair per vCPU (`networkN_queues="cpus"`):
+/// multi-queue taps with one queue per pair, the guest's NIC with as many receive and transmit
+/// queues, and its driver enabled them all (`VQ_PAIRS_SET`, which dev-net logs).
+fn multi_queue_checks(
+    ns: &Netns,
+    vm: &mut TestVm,
+    taps: &[String],
+    ifname: &str,
+) -> anyhow::Result<()> {
+    for tap in taps {
+        let detail = ns.ip(&["-d", "link", "show", tap])?;
+        ensure!(
+            detail.contains("multi_queue") && detail.contains(&format!("numqueues {CPUS}")),
+            "tap {tap} is not a multi-queue tap of {CPUS} queues: {detail}"
+        );
+    }
+    let queues = run_ok(vm, &format!("ls /sys/class/net/{ifname}/queues"))?;
+    let mut names: Vec<&str> = queues.split_whitespace().collect();
+    names.sort_unstable();
+    let want: Vec<String> = (0..CPUS)
+        .map(|i| format!("rx-{i}"))
+        .chain((0..CPUS).map(|i| format!("tx-{i}")))
+        .collect();
+    ensure!(
+        names == want,
+        "the guest's {ifname} has queues {names:?}, not {want:?}"
+    );
+    let log = fs::read_to_string(guest_dir(vm, "net").join("dev-net0.log")).unwrap_or_default();
+    ensure!(
+        log.contains("queue pairs enabled") && log.contains(&format!("to={CPUS}")),
+        "dev-net0 did not see the driver enable {CPUS} queue pairs:\n{log}"
+    );
+    let irqs = run_ok(
+        vm,
+        "grep -E 'virtio[0-9]+-(input|output)' /proc/interrupts || true",
+    )?;
+    println!("MEASURE network mq guest_queues={names:?}\n{irqs}");
+    Ok(())
 }
 
 /// 100 MiB from the host to the guest over TCP; the guest's SHA-256 must be the host's.

@@ -67,6 +67,7 @@ pub static KEYS: &[KeySpec] = &[
     key("networkN_switch", Yes, "virtual switch the NIC joins", "network0_switch=\"public\""),
     key("networkN_mac", Yes, "fixed MAC address; written by vm create", "network0_mac=\"58:9c:fc:0a:0b:0c\""),
     key("networkN_device", Yes, "use an existing tap instead of creating one", "network0_device=\"tap0\""),
+    key("networkN_queues", Yes, "capvm: virtio-net queue pairs, one tap queue and dev-net thread each: a number or cpus (one per vCPU); default 1", "network0_queues=\"cpus\""),
     key("networkN_name", No, "name for the host-side interface", "network0_name=\"web1\""),
     key("networkN_span", No, "make the port a bridge SPAN port", "network0_span=\"yes\""),
     key("networkN_slot", No, "PCI slot of the NIC", "network0_slot=11"),

@@ -5,7 +5,8 @@
 //! `direct`/`nocache`), creates the device's channel to the runner (a `SOCK_SEQPACKET`
 //! socketpair), starts `dev-blk` in its sandbox with `[Log, GuestMemory, Disk, DeviceChannel]`
 //! and sends it [`DeviceSetup::Block`]. Per NIC it starts `dev-net` with `[Log, GuestMemory,
-//! Tap, DeviceChannel]` (the tap the supervisor holds for the whole run, [`super::network`])
+//! Tap, DeviceChannel, Tap…]` (the tap the supervisor holds for the whole run,
+//! [`super::network`]: its first queue, then one fd per further queue pair)
 //! and sends it [`DeviceSetup::Net`]. The other ends of the channels go to the runner as
 //! [`FdRole::DeviceChannel`]s: disks first, then NICs, which is the PCI order.
 //!
@@ -39,9 +40,9 @@ pub const DEVICE_LOG_ENV: &str = "CAPVM_DEVICE_LOG";
 /// The fd ceiling of a dev-blk sandbox: its five fds, two eventfds per queue, and room for
 /// the epoll and worker descriptors of its threads.
 const DEV_BLK_MAX_FDS: u32 = 128;
-/// The fd ceiling of a dev-net sandbox: its four fds, the eventfds of its queues, and room
-/// for its poll descriptors.
-const DEV_NET_MAX_FDS: u32 = 64;
+/// The fd ceiling of a dev-net sandbox: its four fds and further tap queues, the eventfds
+/// of its queues (2 × 15), and room for its threads' poll and wake descriptors.
+const DEV_NET_MAX_FDS: u32 = 96;
 /// Most request queues of a disk ([`proto::device::MAX_QUEUES`]).
 const MAX_QUEUES: u32 = proto::device::MAX_QUEUES as u32;
 
@@ -178,9 +179,10 @@ impl Drop for DeviceProcess {
 }
 
 /// One NIC's tap as a boot's dev-net gets it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TapRef<'a> {
-    pub fd: BorrowedFd<'a>,
+    /// One fd per tap queue = per virtio-net queue pair, in order; never empty.
+    pub fds: Vec<BorrowedFd<'a>>,
     pub mtu: u16,
 }
 
@@ -228,24 +230,35 @@ pub fn start_devices(
         let log = *ctx.nic_logs.get(n).ok_or_else(|| DeviceError::NoLog {
             device: format!("network{}", nic.index),
         })?;
-        let tap = *ctx
+        let tap = ctx
             .taps
             .get(n)
             .ok_or(DeviceError::NoTap { index: nic.index })?;
+        let (first, rest) = tap
+            .fds
+            .split_first()
+            .ok_or(DeviceError::NoTap { index: nic.index })?;
+        let queue_pairs =
+            u16::try_from(tap.fds.len()).map_err(|_| DeviceError::NoTap { index: nic.index })?;
         let setup = DeviceSetup::Net(NetSetup {
             memory: proto::device::guest_ram_layout(ctx.memory_bytes),
             mac: nic.mac,
             mtu: tap.mtu,
-            queue_pairs: 1,
+            queue_pairs,
         });
         let name = format!("dev-net{}", nic.index);
+        // The further queues of a multi-queue tap follow the device channel, in order.
+        let extra = rest
+            .iter()
+            .map(|fd| dup(&name, *fd).map(|fd| (FdRole::Tap, fd)))
+            .collect::<Result<Vec<_>, _>>()?;
         let (process, runner_end) = start_device(
             DeviceSpec {
                 role: Role::DevNet { index: nic.index },
                 binary: ctx.dev_net_binary,
                 backing_role: FdRole::Tap,
-                backing: dup(&name, tap.fd)?,
-                extra: Vec::new(),
+                backing: dup(&name, *first)?,
+                extra,
                 max_fds: DEV_NET_MAX_FDS,
                 setup,
             },

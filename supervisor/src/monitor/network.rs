@@ -1,4 +1,6 @@
-//! The host side of a guest's NICs, for the whole run: one tap per `networkN`.
+//! The host side of a guest's NICs, for the whole run: one tap per `networkN`, with one
+//! queue (fd) per virtio-net queue pair (`networkN_queues`, planned as
+//! [`NicPlan::queue_pairs`](crate::preflight::NicPlan); one by default).
 //!
 //! A NIC on a switch (or on none) gets a tap made by a sandboxed netcfg that this run starts
 //! (allowed to touch the switches' bridges and this guest's taps only): it first deletes taps
@@ -17,6 +19,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use proto::netcfg::{NetcfgSetup, validate_ifname};
+
+use super::devices::TapRef;
 
 use crate::netcfg_client::{NetcfgClient, NetcfgClientError};
 use crate::preflight::{BootPlan, DEFAULT_MTU, NicBackend};
@@ -56,9 +60,20 @@ pub struct Tap {
     /// The `N` of `networkN`.
     pub index: u32,
     pub name: String,
-    pub fd: OwnedFd,
+    /// One fd per queue of the tap, one queue per virtio-net queue pair; never empty.
+    pub fds: Vec<OwnedFd>,
     /// The MTU the device offers the guest.
     pub mtu: u16,
+}
+
+impl Tap {
+    /// The tap as a boot's dev-net gets it.
+    pub fn tap_ref(&self) -> TapRef<'_> {
+        TapRef {
+            fds: self.fds.iter().map(AsFd::as_fd).collect(),
+            mtu: self.mtu,
+        }
+    }
 }
 
 /// The taps of a running guest and the netcfg that made them.
@@ -106,8 +121,8 @@ impl GuestNetwork {
                     let Some(client) = net.netcfg.as_mut() else {
                         continue;
                     };
-                    let (tap_name, fd) = client
-                        .create_tap(bridge.as_deref(), nic_number, *mtu)
+                    let (tap_name, fds) = client
+                        .create_tap(bridge.as_deref(), nic_number, *mtu, nic.queue_pairs)
                         .map_err(|source| NetworkError::CreateTap { index, source })?;
                     // The tap took the bridge's MTU when the switch sets none.
                     let live_mtu = client
@@ -120,7 +135,7 @@ impl GuestNetwork {
                     Tap {
                         index,
                         name: tap_name,
-                        fd,
+                        fds,
                         mtu: device_mtu(live_mtu),
                     }
                 }
@@ -130,10 +145,11 @@ impl GuestNetwork {
                         device: device.clone(),
                         source,
                     })?;
+                    // Someone else's tap: single-queue, as it was made.
                     Tap {
                         index,
                         name: device.clone(),
-                        fd,
+                        fds: vec![fd],
                         mtu: device_mtu(sysfs_mtu(device).unwrap_or(DEFAULT_MTU)),
                     }
                 }
@@ -143,9 +159,9 @@ impl GuestNetwork {
         Ok((net, deleted))
     }
 
-    /// The taps' fds, in NIC order.
-    pub fn tap_fds(&self) -> Vec<BorrowedFd<'_>> {
-        self.taps.iter().map(|t| t.fd.as_fd()).collect()
+    /// The taps as a boot's dev-nets get them, in NIC order.
+    pub fn tap_refs(&self) -> Vec<TapRef<'_>> {
+        self.taps.iter().map(Tap::tap_ref).collect()
     }
 
     /// Closes every tap and asks netcfg to delete what is left of this guest's; returns the

@@ -17,7 +17,12 @@
 //!   against the 4 MiB target.
 //!
 //! Prints a `MEASURE` line per figure and run, then a table of medians with the ratios
-//! capvm/QEMU. Usage: `bench_net [--runs N] [--time SECS] [--pings N]`;
+//! capvm/QEMU. Usage: `bench_net [--runs N] [--time SECS] [--pings N] [--mq]`;
+//!
+//! With `--mq` the bench compares capvm with itself instead: one virtio-net queue pair
+//! (`network0_queues="1"`) against one per vCPU (2), with `iperf3 -P 2` (two parallel
+//! streams) both ways, so that a second pair has traffic of its own; the table's ratio is
+//! pairs=2 / pairs=1. QEMU is not run then.
 //! `scripts/bench-net.sh` builds what it needs and runs it where KVM runs ordinary guests
 //! (inside the emulated test host on PVM machines: the figures are then nested under TCG).
 //! Needs root, `ip` (iproute2), `iperf3` and `ping` (iputils) on the host.
@@ -201,6 +206,27 @@ struct Options {
     runs: usize,
     time_s: u32,
     pings: u32,
+    /// capvm with 1 queue pair against capvm with [`CPUS`] pairs, `iperf3 -P` [`CPUS`].
+    mq: bool,
+    /// Parallel iperf3 streams.
+    streams: u32,
+}
+
+/// capvm with its NIC's queue pairs set (`network0_queues` in `inner`'s guest config).
+#[derive(Debug)]
+struct WithPairs<'a> {
+    inner: InNetns<'a>,
+    pairs: u32,
+}
+
+impl Launcher for WithPairs<'_> {
+    fn name(&self) -> String {
+        format!("capvm-pairs{}", self.pairs)
+    }
+
+    fn command(&self, spec: &GuestSpec, workdir: &Path) -> Result<Command, LaunchError> {
+        self.inner.command(spec, workdir)
+    }
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -208,6 +234,8 @@ fn options() -> anyhow::Result<Options> {
         runs: 1,
         time_s: 10,
         pings: 100,
+        mq: false,
+        streams: 1,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -216,7 +244,13 @@ fn options() -> anyhow::Result<Options> {
             "--runs" => o.runs = value()?.parse()?,
             "--time" => o.time_s = value()?.parse()?,
             "--pings" => o.pings = value()?.parse()?,
-            _ => bail!("unknown argument {arg:?} (bench_net [--runs N] [--time SECS] [--pings N])"),
+            "--mq" => {
+                o.mq = true;
+                o.streams = CPUS;
+            }
+            _ => bail!(
+                "unknown argument {arg:?} (bench_net [--runs N] [--time SECS] [--pings N] [--mq])"
+            ),
         }
     }
     ensure!(
@@ -226,9 +260,8 @@ fn options() -> anyhow::Result<Options> {
     Ok(o)
 }
 
-fn run() -> anyhow::Result<()> {
-    let o = options()?;
-    let kit = Kit::locate()?;
+/// What the bench compares, and where.
+fn print_header(o: Options) {
     let nested = std::env::var_os("CAPVM_IN_TESTHOST").is_some();
     let where_ = if nested {
         "inside the emulated test host: nested KVM under QEMU TCG, so compare ratios, not figures"
@@ -239,9 +272,22 @@ fn run() -> anyhow::Result<()> {
         "bench_net: {} run(s), iperf3 -t {} s, {} pings at 10 ms, {CPUS} vCPUs, {MEMORY_MIB} MiB, {where_}",
         o.runs, o.time_s, o.pings
     );
-    println!(
-        "bench_net: capvm = dev-net (no vhost exists in capvm); qemu = virtio-net-pci, -netdev tap vhost=off (vhost-net off), microvm with PCIe"
-    );
+    if o.mq {
+        println!(
+            "bench_net: --mq: capvm with 1 queue pair against capvm with {CPUS} (one per vCPU), iperf3 -P {} both ways",
+            o.streams
+        );
+    } else {
+        println!(
+            "bench_net: capvm = dev-net (no vhost exists in capvm); qemu = virtio-net-pci, -netdev tap vhost=off (vhost-net off), microvm with PCIe"
+        );
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let o = options()?;
+    let kit = Kit::locate()?;
+    print_header(o);
     let ns = Netns::new("bench")?;
     let mut server = IperfServer::start(&ns)?;
     let initrd = packages_initrd(&kit.dir)?;
@@ -258,29 +304,47 @@ fn run() -> anyhow::Result<()> {
     qemu.extra = vec!["-machine".into(), "pcie=on".into()];
     // capvm in the namespace: the `bench` switch (each run's datastore is new; the bridge it
     // names outlives the guests), and `network0` on it.
-    let capvm = InNetns {
+    let switches = vec![args(&[
+        "switch",
+        "create",
+        "-a",
+        &format!("{HOST4}/24"),
+        "-a",
+        &format!("{HOST6}/64"),
+        SWITCH,
+    ])];
+    let conf = format!(
+        "network0_type=\"virtio-net\"\nnetwork0_switch=\"{SWITCH}\"\nnetwork0_mac=\"{}\"\n",
+        CAPVM_GUEST.mac
+    );
+    let in_ns = |queues: Option<u32>| InNetns {
         inner: CapvmLauncher::new("bench"),
         ns: &ns,
-        switches: vec![args(&[
-            "switch",
-            "create",
-            "-a",
-            &format!("{HOST4}/24"),
-            "-a",
-            &format!("{HOST6}/64"),
-            SWITCH,
-        ])],
-        conf: format!(
-            "network0_type=\"virtio-net\"\nnetwork0_switch=\"{SWITCH}\"\nnetwork0_mac=\"{}\"\n",
-            CAPVM_GUEST.mac
-        ),
+        switches: switches.clone(),
+        conf: match queues {
+            Some(q) => format!("{conf}network0_queues=\"{q}\"\n"),
+            None => conf.clone(),
+        },
     };
+    let capvm = in_ns(None);
     let qemu = QemuOnBridge {
         inner: qemu,
         ns: &ns,
     };
+    let one_pair = WithPairs {
+        inner: in_ns(Some(1)),
+        pairs: 1,
+    };
+    let all_pairs = WithPairs {
+        inner: in_ns(Some(CPUS)),
+        pairs: CPUS,
+    };
     // capvm first in each run: its `vm switch create` makes the bridge QEMU's tap joins.
-    let launchers: [(&dyn Launcher, Guest); 2] = [(&capvm, CAPVM_GUEST), (&qemu, QEMU_GUEST)];
+    let launchers: [(&dyn Launcher, Guest); 2] = if o.mq {
+        [(&all_pairs, CAPVM_GUEST), (&one_pair, CAPVM_GUEST)]
+    } else {
+        [(&capvm, CAPVM_GUEST), (&qemu, QEMU_GUEST)]
+    };
     let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
     for run in 1..=o.runs {
         for (i, (launcher, guest)) in launchers.iter().enumerate() {
@@ -308,7 +372,12 @@ fn run() -> anyhow::Result<()> {
         }
     }
     server.stop();
-    print_table(&samples);
+    let columns = if o.mq {
+        [format!("pairs={CPUS}"), "pairs=1".to_owned()]
+    } else {
+        ["capvm".to_owned(), "qemu".to_owned()]
+    };
+    print_table(&samples, &columns);
     Ok(())
 }
 
@@ -344,11 +413,12 @@ fn print_sample(vmm: &str, run: usize, s: &Sample) {
     println!("{line}");
 }
 
-fn print_table(samples: &[Vec<Sample>; 2]) {
+fn print_table(samples: &[Vec<Sample>; 2], columns: &[String; 2]) {
+    let [a, b] = columns;
     println!();
     println!(
-        "{:<22} {:>7} {:>10} {:>10} {:>7}  (medians of the runs; ratio = capvm/qemu)",
-        "figure", "unit", "capvm", "qemu", "ratio"
+        "{:<22} {:>7} {a:>10} {b:>10} {:>7}  (medians of the runs; ratio = {a}/{b})",
+        "figure", "unit", "ratio"
     );
     let med = |l: usize, i: usize| {
         let v: Vec<f64> = samples
@@ -400,7 +470,7 @@ fn print_table(samples: &[Vec<Sample>; 2]) {
         ),
         None => println!("dev-net resident set: not measured"),
     }
-    println!("(a ratio marked ! is one where capvm is worse than QEMU)");
+    println!("(a ratio marked ! is one where {a} is worse than {b})");
 }
 
 /// The middle value; the mean of the two middle values of an even count.
@@ -497,6 +567,13 @@ fn measure_in(vm: &mut TestVm, guest: Guest, ns: &Netns, o: Options) -> anyhow::
             guest.addr4
         ),
     )?;
+    // What the guest's driver made of the NIC: one rx-N per queue pair it uses.
+    let queues = run_ok(vm, &format!("ls /sys/class/net/{ifname}/queues"))?;
+    println!(
+        "bench_net: {}: guest {ifname} queues: {}",
+        vm.launcher(),
+        queues.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
     // The first pings resolve neighbours both ways (and wait for the bridge port to
     // forward: a new port may take a moment).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -508,8 +585,8 @@ fn measure_in(vm: &mut TestVm, guest: Guest, ns: &Netns, o: Options) -> anyhow::
         .args(["-c", "2", "-W", "5", guest.addr4]))
     .context("the host cannot ping the guest")?;
     let mut sample = Sample {
-        tx_mbit: iperf(vm, o.time_s, false)?,
-        rx_mbit: iperf(vm, o.time_s, true)?,
+        tx_mbit: iperf(vm, o.time_s, o.streams, false)?,
+        rx_mbit: iperf(vm, o.time_s, o.streams, true)?,
         ..Sample::default()
     };
     let out = run_ok(
@@ -550,13 +627,20 @@ fn measure_in(vm: &mut TestVm, guest: Guest, ns: &Netns, o: Options) -> anyhow::
     Ok(sample)
 }
 
-/// `iperf3 -c` from the guest to the host (`reverse`: host to guest); the receiver's rate.
-fn iperf(vm: &mut TestVm, time_s: u32, reverse: bool) -> anyhow::Result<f64> {
+/// `iperf3 -c` from the guest to the host (`reverse`: host to guest) with `streams`
+/// parallel streams; the receiver's rate (their sum).
+fn iperf(vm: &mut TestVm, time_s: u32, streams: u32, reverse: bool) -> anyhow::Result<f64> {
     let r = if reverse { " -R" } else { "" };
+    // With several streams the summary line is `[SUM]`; a single stream's is its own.
+    let filter = if streams > 1 {
+        "SUM.*receiver|error"
+    } else {
+        "receiver|error"
+    };
     // Into a file first: every console byte is a VM exit.
     let out = vm.run(
         &format!(
-            "iperf3 -c {HOST4} -t {time_s} -i 0 -f m{r} > /tmp/iperf.out 2>&1; s=$?; grep -E 'receiver|error' /tmp/iperf.out; exit $s"
+            "iperf3 -c {HOST4} -t {time_s} -P {streams} -i 0 -f m{r} > /tmp/iperf.out 2>&1; s=$?; grep -E '{filter}' /tmp/iperf.out; exit $s"
         ),
         CMD_TIMEOUT + Duration::from_secs(u64::from(time_s)),
     )?;
@@ -667,6 +751,8 @@ mod unit {
             iperf_receiver_mbit("iperf3: error - unable to connect to server"),
             None
         );
+        let sum = "[SUM]   0.00-10.04  sec   222 MBytes   186 Mbits/sec                  receiver";
+        assert_eq!(iperf_receiver_mbit(sum), Some(186.0));
     }
 
     #[test]
