@@ -94,7 +94,7 @@ impl StartError {
 ///
 /// On failure after the channel is up, the supervisor is told which stage failed and why.
 pub fn start(kind: ChildKind) -> Result<Started, StartError> {
-    start_with(kind, &mut |_| Vec::new())
+    start_with(kind, &mut Vec::new)
 }
 
 /// [`start`], running `prepare` after the bootstrap is received and before capability mode
@@ -102,7 +102,7 @@ pub fn start(kind: ChildKind) -> Result<Started, StartError> {
 /// rings). `prepare` returns the descriptors it made, which the sandbox keeps open.
 pub fn start_with(
     kind: ChildKind,
-    prepare: &mut dyn FnMut(&Bootstrap) -> Vec<RawFd>,
+    prepare: &mut dyn FnMut() -> Vec<RawFd>,
 ) -> Result<Started, StartError> {
     let channel = bootstrap_channel()?;
     channel.handshake(ChannelKind::Bootstrap)?;
@@ -132,7 +132,7 @@ pub fn start_with(
 fn start_on(
     channel: &Channel,
     kind: ChildKind,
-    prepare: &mut dyn FnMut(&Bootstrap) -> Vec<RawFd>,
+    prepare: &mut dyn FnMut() -> Vec<RawFd>,
 ) -> Result<(Bootstrap, Vec<(FdRole, OwnedFd)>), StartError> {
     let received = channel.recv_timeout::<Bootstrap>(BOOTSTRAP_TIMEOUT)?;
     let (bootstrap, fds) = (received.msg, received.fds);
@@ -158,7 +158,7 @@ fn start_on(
     let mut keep: Vec<RawFd> = vec![channel.as_raw_fd()];
     keep.extend(fds.iter().map(|(_, fd)| fd.as_raw_fd()));
     keep.extend(log_fd);
-    keep.extend(prepare(&bootstrap));
+    keep.extend(prepare());
     let policy = Policy::parse(kind.policy)?;
     let profile = Profile {
         name: kind.role_name.to_string(),

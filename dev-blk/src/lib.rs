@@ -71,7 +71,7 @@ pub fn run() -> Result<(), RunError> {
             policy: SECCOMP_POLICY,
             threads: true,
         },
-        &mut |_| {
+        &mut || {
             let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
             rings = uring::make_rings(cpus);
             rings.iter().map(AsRawFd::as_raw_fd).collect()

@@ -206,57 +206,83 @@ impl Frame {
     }
 }
 
+/// A sandboxed dev-net that has sent its `Info`, not yet activated.
+struct Spawned {
+    running: spawn::Running,
+    runner: Channel,
+    ram: GuestRam,
+    log: tempfile::NamedTempFile,
+    info: DeviceInfo,
+}
+
+/// Starts dev-net with one queue pair per tap queue in `taps` (the first passed where a
+/// single-queue NIC's tap goes, the rest after the device channel, as the supervisor does)
+/// and waits for its `Info`.
+fn spawn_dev_net(taps: Vec<OwnedFd>, max_fds: u32) -> Spawned {
+    let pairs = u16::try_from(taps.len()).expect("pairs");
+    let ram = GuestRam::new(RAM).expect("guest RAM");
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let (runner, theirs) = Channel::pair().expect("device channel");
+    let (uid, gid) = sandbox::nobody();
+    let mut roles = vec![
+        FdRole::Log,
+        FdRole::GuestMemory,
+        FdRole::Tap,
+        FdRole::DeviceChannel,
+    ];
+    roles.extend(taps.iter().skip(1).map(|_| FdRole::Tap));
+    let boot = Bootstrap {
+        role: Role::DevNet { index: 0 },
+        vm_name: "net-test".into(),
+        sandbox: SandboxSettings { uid, gid, max_fds },
+        fds: roles,
+        log_filter: "debug".into(),
+    };
+    let log_fd = log.reopen().expect("log fd");
+    let mut fds = vec![log_fd.as_fd(), ram.fd(), taps[0].as_fd(), theirs.as_fd()];
+    fds.extend(taps.iter().skip(1).map(AsFd::as_fd));
+    let running = spawn::spawn(&tests::harness::build_dir().join("dev-net"), &boot, &fds)
+        .expect("spawn dev-net (run `cargo build -p dev-net` first)");
+    drop(fds);
+    drop((theirs, taps));
+    let setup = DeviceSetup::Net(NetSetup {
+        memory: vec![MemoryRegion {
+            guest_addr: 0,
+            size: RAM,
+            file_offset: 0,
+        }],
+        mac: GUEST_MAC,
+        mtu: 1500,
+        queue_pairs: pairs,
+    });
+    running.channel.send(&setup, &[]).expect("send setup");
+    runner
+        .handshake_timeout(ChannelKind::RunnerDevice, WAIT)
+        .expect("handshake");
+    let info = match runner.recv_timeout::<FromDevice>(WAIT).expect("info").msg {
+        FromDevice::Info(info) => info,
+        other => panic!("expected Info, got {other:?}"),
+    };
+    info.validate().expect("valid info");
+    Spawned {
+        running,
+        runner,
+        ram,
+        log,
+        info,
+    }
+}
+
 impl Harness {
     fn start(rx_buf_len: u32) -> Harness {
         let ns = NetNs::new();
-        let tap = ns.tap();
-        let ram = GuestRam::new(RAM).expect("guest RAM");
-        let log = tempfile::NamedTempFile::new().expect("log file");
-        let (runner, theirs) = Channel::pair().expect("device channel");
-        let (uid, gid) = sandbox::nobody();
-        let boot = Bootstrap {
-            role: Role::DevNet { index: 0 },
-            vm_name: "net-test".into(),
-            sandbox: SandboxSettings {
-                uid,
-                gid,
-                max_fds: 64,
-            },
-            fds: vec![
-                FdRole::Log,
-                FdRole::GuestMemory,
-                FdRole::Tap,
-                FdRole::DeviceChannel,
-            ],
-            log_filter: "debug".into(),
-        };
-        let log_fd = log.reopen().expect("log fd");
-        let running = spawn::spawn(
-            &tests::harness::build_dir().join("dev-net"),
-            &boot,
-            &[log_fd.as_fd(), ram.fd(), tap.as_fd(), theirs.as_fd()],
-        )
-        .expect("spawn dev-net (run `cargo build -p dev-net` first)");
-        drop((theirs, tap));
-        let setup = DeviceSetup::Net(NetSetup {
-            memory: vec![MemoryRegion {
-                guest_addr: 0,
-                size: RAM,
-                file_offset: 0,
-            }],
-            mac: GUEST_MAC,
-            mtu: 1500,
-            queue_pairs: 1,
-        });
-        running.channel.send(&setup, &[]).expect("send setup");
-        runner
-            .handshake_timeout(ChannelKind::RunnerDevice, WAIT)
-            .expect("handshake");
-        let info = match runner.recv_timeout::<FromDevice>(WAIT).expect("info").msg {
-            FromDevice::Info(info) => info,
-            other => panic!("expected Info, got {other:?}"),
-        };
-        info.validate().expect("valid info");
+        let Spawned {
+            running,
+            runner,
+            ram,
+            log,
+            info,
+        } = spawn_dev_net(vec![ns.tap()], 64);
         let rx = SplitQueue::new(&ram, RXQ_BASE, QSIZE).expect("rx queue");
         let tx = SplitQueue::new(&ram, TXQ_BASE, QSIZE).expect("tx queue");
         let mut h = Harness {
@@ -1455,61 +1481,13 @@ impl MqRig {
 
     fn start() -> MqRig {
         let ns = NetNs::new();
-        let taps = ns.tap_queues(usize::from(MQ_PAIRS));
-        let ram = GuestRam::new(RAM).expect("guest RAM");
-        let log = tempfile::NamedTempFile::new().expect("log file");
-        let (runner, theirs) = Channel::pair().expect("device channel");
-        let (uid, gid) = sandbox::nobody();
-        let boot = Bootstrap {
-            role: Role::DevNet { index: 0 },
-            vm_name: "net-mq-test".into(),
-            sandbox: SandboxSettings {
-                uid,
-                gid,
-                max_fds: 96,
-            },
-            fds: vec![
-                FdRole::Log,
-                FdRole::GuestMemory,
-                FdRole::Tap,
-                FdRole::DeviceChannel,
-                FdRole::Tap,
-            ],
-            log_filter: "debug".into(),
-        };
-        let log_fd = log.reopen().expect("log fd");
-        let running = spawn::spawn(
-            &tests::harness::build_dir().join("dev-net"),
-            &boot,
-            &[
-                log_fd.as_fd(),
-                ram.fd(),
-                taps[0].as_fd(),
-                theirs.as_fd(),
-                taps[1].as_fd(),
-            ],
-        )
-        .expect("spawn dev-net (run `cargo build -p dev-net` first)");
-        drop((theirs, taps));
-        let setup = DeviceSetup::Net(NetSetup {
-            memory: vec![MemoryRegion {
-                guest_addr: 0,
-                size: RAM,
-                file_offset: 0,
-            }],
-            mac: GUEST_MAC,
-            mtu: 1500,
-            queue_pairs: MQ_PAIRS,
-        });
-        running.channel.send(&setup, &[]).expect("send setup");
-        runner
-            .handshake_timeout(ChannelKind::RunnerDevice, WAIT)
-            .expect("handshake");
-        let info = match runner.recv_timeout::<FromDevice>(WAIT).expect("info").msg {
-            FromDevice::Info(info) => info,
-            other => panic!("expected Info, got {other:?}"),
-        };
-        info.validate().expect("valid info");
+        let Spawned {
+            running,
+            runner,
+            ram,
+            log,
+            info,
+        } = spawn_dev_net(ns.tap_queues(usize::from(MQ_PAIRS)), 96);
         let queues = (0..5u64)
             .map(|q| SplitQueue::new(&ram, 0x1_0000 + q * 0x1_0000, MQ_QSIZE).expect("queue"))
             .collect();

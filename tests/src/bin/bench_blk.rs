@@ -481,7 +481,8 @@ fn measure(
 }
 
 /// Prints the medians of `rounds` of `w`; returns dev-blk's ratio to the host.
-fn report(w: Workload, rounds: &[Round]) -> f64 {
+/// `other` names what the second dev-blk ran with (`--compare-env`), if there was one.
+fn report(w: Workload, rounds: &[Round], other: Option<&(String, String)>) -> f64 {
     let med = |f: fn(&Round) -> f64| median(&mut rounds.iter().map(f).collect::<Vec<_>>());
     let (host, ours) = (med(|r| r.host), med(|r| r.dev_blk));
     let ratio = ours / host;
@@ -499,25 +500,16 @@ fn report(w: Workload, rounds: &[Round]) -> f64 {
         med(|r| r.kicks),
         med(|r| r.interrupts),
     );
-    let other = med(|r| r.other);
-    if other > 0.0 {
+    if let Some((key, value)) = other {
+        let other = med(|r| r.other);
         println!(
-            "MEASURE {:<14} other ({}) {other:>10.1} {unit}  ratio {:>5.1}%  CPU {:>5.1} us/request",
+            "MEASURE {:<14} other ({key}={value}) {other:>10.1} {unit}  ratio {:>5.1}%  CPU {:>5.1} us/request",
             w.name,
-            other_label(),
             other / host * 100.0,
             med(|r| r.other_us),
         );
     }
     ratio
-}
-
-/// What the second dev-blk runs with, for the report.
-fn other_label() -> String {
-    let args = parse_args().ok();
-    args.and_then(|a| a.other_env)
-        .map(|(k, v)| format!("{k}={v}"))
-        .unwrap_or_default()
 }
 
 /// The engine the second dev-blk of `--compare-engines` runs: the one the first does not.
@@ -578,7 +570,7 @@ fn main() -> anyhow::Result<()> {
     let worst = chosen
         .iter()
         .zip(&rounds)
-        .map(|(w, r)| report(*w, r))
+        .map(|(w, r)| report(*w, r, args.other_env.as_ref()))
         .fold(f64::INFINITY, f64::min);
     let (anon, rss) = dev.rss_kib();
     println!(
