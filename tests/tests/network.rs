@@ -95,28 +95,21 @@ fn guest_dir(vm: &TestVm, name: &str) -> PathBuf {
 
 /// `e` with the guest's console and its processes' logs.
 fn with_logs(vm: &TestVm, name: &str, e: &anyhow::Error) -> anyhow::Error {
-    let dir = guest_dir(vm, name);
-    let file = |n: &str| fs::read_to_string(dir.join(n)).unwrap_or_default();
-    anyhow::anyhow!(
-        "{e:#}\n--- console/stderr ---\n{}\n--- vm-bhyve.log ---\n{}\n--- vcpu-runner.log ---\n{}\n--- dev-net0.log ---\n{}\n--- dev-net1.log ---\n{}",
-        vm.logs(),
-        file("vm-bhyve.log"),
-        file("vcpu-runner.log"),
-        file("dev-net0.log"),
-        file("dev-net1.log"),
+    vm.with_logs(
+        name,
+        &[
+            "vm-bhyve.log",
+            "vcpu-runner.log",
+            "dev-net0.log",
+            "dev-net1.log",
+        ],
+        e,
     )
 }
 
 /// Runs `command` in the guest; it must exit 0. Returns its output, trimmed.
 fn run_ok(vm: &mut TestVm, command: &str) -> anyhow::Result<String> {
-    let out = vm.run(command, CMD_TIMEOUT)?;
-    ensure!(
-        out.status == 0,
-        "{command:?} exited {}: {}",
-        out.status,
-        out.output
-    );
-    Ok(out.output.trim().to_owned())
+    vm.run_ok(command, CMD_TIMEOUT)
 }
 
 fn guest_ping(vm: &mut TestVm, addr: &str) -> anyhow::Result<()> {

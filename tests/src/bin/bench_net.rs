@@ -726,14 +726,7 @@ fn all_children(pid: u32) -> Vec<u32> {
 
 /// Runs `command` in the guest; it must exit 0. Returns its output, trimmed.
 fn run_ok(vm: &mut TestVm, command: &str) -> anyhow::Result<String> {
-    let out = vm.run(command, CMD_TIMEOUT)?;
-    ensure!(
-        out.status == 0,
-        "{command:?} exited {}: {}",
-        out.status,
-        out.output
-    );
-    Ok(out.output.trim().to_owned())
+    vm.run_ok(command, CMD_TIMEOUT)
 }
 
 #[cfg(test)]
