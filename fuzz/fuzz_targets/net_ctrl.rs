@@ -4,50 +4,28 @@
 //! device's pairs, and any acknowledgement is `OK` or `ERR` written into a device-writable
 //! byte of guest memory.
 //!
-//! Input layout: bytes 0-1 the queue size (invalid sizes are refused as the device refuses
-//! them), byte 2 flags (bit 0 EVENT_IDX, bit 1 MQ negotiated, bits 4-7 the device's pairs),
-//! the rest the first bytes of guest memory (0..0x10000, then 0x10000..0x14000); the
-//! descriptor table is at 0, the avail ring at 0x1000, the used ring at 0x2000.
+//! Input layout: as [`capvm_fuzz::ring`] describes; flag bit 1 negotiates MQ, bits 4-7 are
+//! the device's pairs. Guest memory is 0..0x10000 and 0x10000..0x14000.
 
 #![no_main]
 
 use dev_net::ctrl::{ACK_ERR, ACK_OK, answer, pop_command, write_ack};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress};
 
 const MAX_COMMANDS: usize = 64;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((head, image)) = data.split_at_checked(3) else {
+    let Some(ring) = capvm_fuzz::ring(
+        data,
+        &[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x4000)],
+    ) else {
         return;
     };
-    let size = u16::from_le_bytes([head[0], head[1]]);
-    let flags = head[2];
-    let max_pairs = u16::from(flags >> 4).max(1);
-    let multiqueue = flags & 2 != 0;
-    let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[
-        (GuestAddress(0), 0x10000),
-        (GuestAddress(0x10000), 0x4000),
-    ])
-    .expect("guest memory");
-    let n = image.len().min(0x14000);
-    mem.write_slice(&image[..n], GuestAddress(0)).expect("fill");
-
-    let mut q = Queue::new(256).expect("queue");
-    if q.try_set_size(size).is_err() {
-        return;
-    }
-    q.try_set_desc_table_address(GuestAddress(0)).expect("desc");
-    q.try_set_avail_ring_address(GuestAddress(0x1000))
-        .expect("avail");
-    q.try_set_used_ring_address(GuestAddress(0x2000))
-        .expect("used");
-    q.set_event_idx(flags & 1 != 0);
-    q.set_ready(true);
-    if !q.is_valid(&mem) {
-        return;
-    }
+    let max_pairs = u16::from(ring.flags >> 4).max(1);
+    let multiqueue = ring.flags & 2 != 0;
+    let (mem, mut q) = (ring.mem, ring.queue);
     for _ in 0..MAX_COMMANDS {
         match pop_command(&mut q, &mem) {
             Ok(Some(cmd)) => {
