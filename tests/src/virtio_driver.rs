@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use proto::device::{QueueConfig, ToDevice};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 /// `VIRTQ_DESC_F_NEXT`.
@@ -160,6 +161,34 @@ impl Buf {
 pub struct Used {
     pub id: u32,
     pub len: u32,
+}
+
+/// The `Activate` the runner sends a device at the driver's `DRIVER_OK`, for `queues` (each
+/// with its queue index) and `features`, and the descriptors that go with it: each queue's
+/// kick eventfd, then its call eventfd, in the order of `queues`.
+pub fn activation<'a>(
+    features: u64,
+    queues: impl IntoIterator<Item = (u16, &'a SplitQueue)>,
+) -> (ToDevice, Vec<BorrowedFd<'a>>) {
+    let mut configs = Vec::new();
+    let mut fds = Vec::new();
+    for (index, q) in queues {
+        configs.push(QueueConfig {
+            index,
+            size: q.size,
+            desc: q.desc,
+            avail: q.avail,
+            used: q.used,
+        });
+        fds.extend([q.kick.as_fd(), q.call.as_fd()]);
+    }
+    (
+        ToDevice::Activate {
+            features,
+            queues: configs,
+        },
+        fds,
+    )
 }
 
 /// The driver side of one split virtqueue.

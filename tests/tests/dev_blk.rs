@@ -19,11 +19,9 @@ use std::time::Duration;
 
 use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
 use proto::channel::{Channel, ChannelKind};
-use proto::device::{
-    BlockSetup, DeviceInfo, DeviceSetup, FromDevice, MemoryRegion, QueueConfig, ToDevice,
-};
+use proto::device::{BlockSetup, DeviceInfo, DeviceSetup, FromDevice, MemoryRegion, ToDevice};
 use supervisor::spawn;
-use tests::virtio_driver::{Buf, GuestRam, SplitQueue, Used};
+use tests::virtio_driver::{Buf, GuestRam, SplitQueue, Used, activation};
 
 const RAM: u64 = 16 << 20;
 const QSIZE: u16 = 128;
@@ -200,33 +198,13 @@ impl Harness {
     /// Sets up fresh rings for `count` queues and activates them with `features`.
     fn activate(&mut self, count: u16, features: u64) {
         self.queues.clear();
-        let mut configs = Vec::new();
         for i in 0..count {
             let q =
                 SplitQueue::new(&self.ram, 0x1000 + u64::from(i) * 0x4000, QSIZE).expect("queue");
-            configs.push(QueueConfig {
-                index: i,
-                size: QSIZE,
-                desc: q.desc,
-                avail: q.avail,
-                used: q.used,
-            });
             self.queues.push(q);
         }
-        let fds: Vec<_> = self
-            .queues
-            .iter()
-            .flat_map(|q| [q.kick.as_fd(), q.call.as_fd()])
-            .collect();
-        self.runner
-            .send(
-                &ToDevice::Activate {
-                    features,
-                    queues: configs,
-                },
-                &fds,
-            )
-            .expect("activate");
+        let (msg, fds) = activation(features, (0..).zip(&self.queues));
+        self.runner.send(&msg, &fds).expect("activate");
         let reply = self
             .runner
             .recv_timeout::<FromDevice>(WAIT)
@@ -254,33 +232,8 @@ impl Harness {
         self.running = Some(running);
         self.runner = runner;
         self.info = info;
-        let configs: Vec<_> = self
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(i, q)| QueueConfig {
-                index: u16::try_from(i).expect("index"),
-                size: q.size,
-                desc: q.desc,
-                avail: q.avail,
-                used: q.used,
-            })
-            .collect();
-        let fds: Vec<_> = self
-            .queues
-            .iter()
-            .flat_map(|q| [q.kick.as_fd(), q.call.as_fd()])
-            .collect();
-        let features = self.info.features;
-        self.runner
-            .send(
-                &ToDevice::Activate {
-                    features,
-                    queues: configs,
-                },
-                &fds,
-            )
-            .expect("activate");
+        let (msg, fds) = activation(self.info.features, (0..).zip(&self.queues));
+        self.runner.send(&msg, &fds).expect("activate");
         let reply = self
             .runner
             .recv_timeout::<FromDevice>(WAIT)

@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
 use proto::channel::{Channel, ChannelKind};
 use proto::device::{
-    ConfigTable, DeviceSetup, FromDevice, InputKind, InputSetup, MemoryRegion, QueueConfig,
-    ToDevice, VIRTIO_ID_INPUT, input_select,
+    ConfigTable, DeviceSetup, FromDevice, InputKind, InputSetup, MemoryRegion, ToDevice,
+    VIRTIO_ID_INPUT, input_select,
 };
 use proto::display::{DisplaySetup, SharePolicy};
 use supervisor::spawn;
 use tests::rfb_client::{QEMU_EXTENDED_KEY, RAW, RfbClient, Security};
-use tests::virtio_driver::{Buf, GuestRam, SplitQueue, Used};
+use tests::virtio_driver::{Buf, GuestRam, SplitQueue, Used, activation};
 
 const WIDTH: u32 = 640;
 const HEIGHT: u32 = 480;
@@ -119,23 +119,7 @@ impl Driver {
 
     /// `DRIVER_OK`: the runner's `Activate` with both queues' eventfds; waits for `Activated`.
     fn activate(&self) {
-        let q = |index, s: &SplitQueue| QueueConfig {
-            index,
-            size: s.size,
-            desc: s.desc,
-            avail: s.avail,
-            used: s.used,
-        };
-        let msg = ToDevice::Activate {
-            features: 1 << 32,
-            queues: vec![q(0, &self.eventq), q(1, &self.statusq)],
-        };
-        let fds = [
-            self.eventq.kick.as_fd(),
-            self.eventq.call.as_fd(),
-            self.statusq.kick.as_fd(),
-            self.statusq.call.as_fd(),
-        ];
+        let (msg, fds) = activation(1 << 32, [(0, &self.eventq), (1, &self.statusq)]);
         self.runner.send(&msg, &fds).expect("send Activate");
         let reply = self
             .runner

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
 use proto::channel::{Channel, ChannelKind};
-use proto::device::{BlockSetup, DeviceSetup, FromDevice, MemoryRegion, QueueConfig, ToDevice};
-use tests::virtio_driver::{Buf, GuestRam, SplitQueue};
+use proto::device::{BlockSetup, DeviceSetup, FromDevice, MemoryRegion};
+use tests::virtio_driver::{Buf, GuestRam, SplitQueue, activation};
 
 const DEPTH: usize = 32;
 const MIB: u64 = 1 << 20;
@@ -264,20 +264,8 @@ impl DevBlk {
         };
         let mut queue = SplitQueue::new(&ram, 0x1000, 128)?;
         queue.set_event_idx(info.features & (1 << 29) != 0);
-        let config = QueueConfig {
-            index: 0,
-            size: 128,
-            desc: queue.desc,
-            avail: queue.avail,
-            used: queue.used,
-        };
-        runner.send(
-            &ToDevice::Activate {
-                features: info.features,
-                queues: vec![config],
-            },
-            &[queue.kick.as_fd(), queue.call.as_fd()],
-        )?;
+        let (msg, fds) = activation(info.features, [(0, &queue)]);
+        runner.send(&msg, &fds)?;
         let reply = runner.recv_timeout::<FromDevice>(WAIT)?.msg;
         if reply != FromDevice::Activated {
             bail!("activation failed: {reply:?}");

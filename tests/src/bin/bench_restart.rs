@@ -38,11 +38,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
 use proto::channel::{Channel, ChannelKind};
-use proto::device::{
-    BlockSetup, DeviceInfo, DeviceSetup, FromDevice, MemoryRegion, NetSetup, QueueConfig, ToDevice,
-};
+use proto::device::{BlockSetup, DeviceInfo, DeviceSetup, FromDevice, MemoryRegion, NetSetup};
 use supervisor::spawn;
-use tests::virtio_driver::{Buf, GuestRam, SplitQueue};
+use tests::virtio_driver::{Buf, GuestRam, SplitQueue, activation};
 
 const RAM: u64 = 16 << 20;
 const QSIZE: u16 = 256;
@@ -247,28 +245,8 @@ impl Recipe<'_> {
 impl Incarnation {
     /// Sends `Activate` for `queues` with their eventfds and waits for `Activated`.
     fn activate(&self, features: u64, queues: &[SplitQueue]) -> anyhow::Result<()> {
-        let configs: Vec<QueueConfig> = queues
-            .iter()
-            .enumerate()
-            .map(|(i, q)| QueueConfig {
-                index: u16::try_from(i).unwrap_or(u16::MAX),
-                size: q.size,
-                desc: q.desc,
-                avail: q.avail,
-                used: q.used,
-            })
-            .collect();
-        let fds: Vec<_> = queues
-            .iter()
-            .flat_map(|q| [q.kick.as_fd(), q.call.as_fd()])
-            .collect();
-        self.runner.send(
-            &ToDevice::Activate {
-                features,
-                queues: configs,
-            },
-            &fds,
-        )?;
+        let (msg, fds) = activation(features, (0..).zip(queues));
+        self.runner.send(&msg, &fds)?;
         let reply = self.runner.recv_timeout::<FromDevice>(WAIT)?.msg;
         ensure!(
             reply == FromDevice::Activated,
