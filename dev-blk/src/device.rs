@@ -214,6 +214,8 @@ impl Device {
                 // Without VIRTIO_BLK_F_CONFIG_WCE no field is writable (§5.2.4).
                 tracing::debug!(offset, "ignoring a configuration write");
             }
+            // virtio-net's; `validate` refuses it for any other device.
+            ToDevice::ResumeQueuePairs { .. } => {}
         }
         Ok(())
     }

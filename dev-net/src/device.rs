@@ -12,8 +12,11 @@
 //! (N = the pairs offered), or `rx0, tx0, ctrl` with `CTRL_VQ` alone. Only pair 0 receives
 //! until the driver enables more with `VQ_PAIRS_SET` (§5.1.6.5.5); every pair transmits.
 //!
-//! A device restarted after a crash does not know how many pairs the driver had enabled: it
-//! receives on pair 0 only (still on every tap queue) until the driver says again.
+//! Each count it applies is reported to the runner (`FromDevice::QueuePairs`) before the
+//! command's ack is published. A device restarted after a crash gets the last count back
+//! from the runner (`ToDevice::ResumeQueuePairs`, right before the re-sent `Activate`) and
+//! activates with that many pairs enabled, so the driver, which saw nothing, keeps its
+//! receive queues; commands the driver queued meanwhile are applied after it.
 
 use std::fs::File;
 use std::io::Write;
@@ -93,7 +96,8 @@ struct Active {
     neg: Negotiated,
     /// `MQ` negotiated: `VQ_PAIRS_SET` is accepted.
     multiqueue: bool,
-    /// Pairs the driver has enabled (`VQ_PAIRS_SET`; 1 at first).
+    /// Pairs the driver has enabled (`VQ_PAIRS_SET`; 1 at first, or the count the runner
+    /// said to resume with).
     enabled: u16,
     /// Each pair's worker, in pair order; empty while they are stopped.
     workers: Vec<Worker>,
@@ -120,6 +124,8 @@ pub struct Device {
     /// The link state the driver was last told.
     link_up: bool,
     active: Option<Active>,
+    /// The pairs the next `Activate` starts with (`ToDevice::ResumeQueuePairs`), if not 1.
+    resume_pairs: Option<u16>,
     totals: PairStats,
 }
 
@@ -176,6 +182,7 @@ impl Device {
             shared: Arc::new(Shared::new().map_err(DeviceError::Epoll)?),
             link_up: true,
             active: None,
+            resume_pairs: None,
             totals: PairStats::default(),
         })
     }
@@ -286,7 +293,8 @@ impl Device {
         match msg {
             ToDevice::Activate { features, queues } => {
                 self.deactivate();
-                let reply = match self.activate(features, &queues, fds) {
+                let resume = self.resume_pairs.take();
+                let reply = match self.activate(features, &queues, fds, resume) {
                     Ok(()) => {
                         tracing::info!(features = format_args!("{features:#x}"), "activated");
                         FromDevice::Activated
@@ -305,8 +313,17 @@ impl Device {
                     }
                 }
             }
+            ToDevice::ResumeQueuePairs { pairs } => {
+                // Checked against the pairs offered (`validate` above); applied by `Activate`.
+                tracing::info!(
+                    pairs,
+                    "the next activation resumes the driver's queue pairs"
+                );
+                self.resume_pairs = Some(pairs);
+            }
             ToDevice::Reset => {
                 self.deactivate();
+                self.resume_pairs = None;
                 tracing::info!("reset");
                 self.runner.send(&FromDevice::ResetDone, &[])?;
             }
@@ -318,12 +335,14 @@ impl Device {
         Ok(())
     }
 
-    /// Starts serving an `Activate`; an error is the `NeedsReset` reason.
+    /// Starts serving an `Activate` with `resume` pairs enabled (1 if `None` or without `MQ`);
+    /// an error is the `NeedsReset` reason.
     fn activate(
         &mut self,
         features: u64,
         configs: &[QueueConfig],
         fds: Vec<OwnedFd>,
+        resume: Option<u16>,
     ) -> Result<(), String> {
         if features & !self.info.features != 0 {
             return Err(format!(
@@ -389,10 +408,18 @@ impl Device {
                 Err(e) => return Err(crate::error_chain(&e)),
             }
         }
+        // §5.1.6.5.5: one pair until VQ_PAIRS_SET; a restarted process resumes the count its
+        // predecessor applied (the runner checked it against the offer, `validate` did too).
+        let enabled = resume
+            .filter(|_| multiqueue)
+            .map_or(1, |p| p.clamp(1, pairs));
+        if enabled > 1 {
+            tracing::info!(pairs = enabled, "queue pairs enabled (resumed)");
+        }
         self.active = Some(Active {
             neg,
             multiqueue,
-            enabled: 1,
+            enabled,
             workers: Vec::new(),
             idle: states,
             ctrl,
@@ -538,7 +565,7 @@ impl Device {
     }
 
     /// `VQ_PAIRS_SET`: receive on pairs `0..pairs` from now on (before the ack is published,
-    /// §5.1.6.5.5).
+    /// §5.1.6.5.5), and tell the runner, which keeps the count for a restarted process.
     fn set_pairs(&mut self, pairs: u16) {
         let Some(a) = self.active.as_mut() else {
             return;
@@ -555,6 +582,11 @@ impl Device {
         });
         if let Err(e) = restarted {
             self.shared.needs_reset(crate::error_chain(&e));
+            return;
+        }
+        if let Err(e) = self.runner.send(&FromDevice::QueuePairs { pairs }, &[]) {
+            // The runner is gone or not reading: a restart would begin with 1 pair again.
+            tracing::warn!(error = %e, "reporting the queue pairs to the runner failed");
         }
     }
 

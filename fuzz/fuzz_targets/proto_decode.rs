@@ -2,7 +2,9 @@
 //! send: decoding and validation must never panic, and whatever decodes must survive its own
 //! encode/decode round trip.
 //!
-//! Input layout: byte 0 picks the message type, byte 1 the number of fds "received" with the
+//! Input layout: byte 0 picks the message type (bootstrap, its reply, control request and
+//! reply, a device's message to the runner, the runner's to a device — validated against a
+//! multi-queue NIC's offer — or a hello), byte 1 the number of fds "received" with the
 //! packet, the rest is the packet (header + payload).
 
 #![no_main]
@@ -11,6 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use proto::bootstrap::{Bootstrap, BootstrapReply};
 use proto::channel::{ChannelKind, Hello, decode_packet, encode_packet};
 use proto::control::{Reply, Request};
+use proto::device::{DeviceInfo, FromDevice, ToDevice, VIRTIO_ID_NET};
 
 /// Decodes `$packet` as `$ty`; if it decodes, re-encodes and decodes it again and checks the
 /// value survived. A macro rather than a generic fn: the fuzz crate has no serde dependency to
@@ -36,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let fd_count = usize::from(fds % 40);
-    match selector % 5 {
+    match selector % 7 {
         0 => {
             if let Some(msg) = decode_and_round_trip!(Bootstrap, packet, fd_count) {
                 let _ = msg.validate(fd_count);
@@ -55,6 +58,25 @@ fuzz_target!(|data: &[u8]| {
         3 => {
             if let Some(msg) = decode_and_round_trip!(Reply, packet, fd_count) {
                 let _ = msg.validate();
+            }
+        }
+        4 => {
+            if let Some(msg) = decode_and_round_trip!(FromDevice, packet, fd_count) {
+                let _ = msg.validate();
+            }
+        }
+        5 => {
+            // Checked against a multi-queue NIC's offer (3 pairs: 7 queues), as dev-net does.
+            let info = DeviceInfo {
+                device_type: VIRTIO_ID_NET,
+                features: (1 << 32) | (1 << 22) | (1 << 17),
+                queues: 7,
+                max_queue_size: 256,
+                config: vec![0; 12],
+            };
+            if let Some(msg) = decode_and_round_trip!(ToDevice, packet, fd_count) {
+                let _ = msg.validate(&info);
+                let _ = msg.fd_count();
             }
         }
         _ => {

@@ -28,6 +28,13 @@
 //! 5. After a device process crashed, the supervisor starts a new one on a new socketpair and
 //!    hands the runner its end; the runner sends the same `Activate` (same eventfds, so the KVM
 //!    registrations stay) and the device resumes from the ring indices in guest memory.
+//! 6. State the driver set through a queue rather than a register lives in the device process
+//!    and would die with it. The one such state kept is virtio-net's receive queue-pair count
+//!    (`VQ_PAIRS_SET` on the control queue, §5.1.6.5.5): dev-net reports each count it
+//!    applies as [`FromDevice::QueuePairs`], the runner keeps the last one until the driver
+//!    resets the device, and before the re-sent `Activate` of step 5 it sends
+//!    [`ToDevice::ResumeQueuePairs`], so the new process receives on as many pairs as the
+//!    driver enabled. Both are checked against the pairs the device offered in its `Info`.
 //!
 //! The runner treats the device as hostile (it parses guest data and may be compromised):
 //! [`FromDevice::validate`] bounds everything, and the runner never lets a device name a
@@ -247,6 +254,13 @@ pub enum ToDevice {
     Reset,
     /// The driver wrote `data` at `offset` of the device-specific configuration space.
     ConfigWrite { offset: u16, data: Vec<u8> },
+    /// virtio-net only: the next `Activate` starts with `pairs` receive queue pairs enabled
+    /// instead of 1. The runner sends it to a restarted dev-net right before the re-sent
+    /// `Activate`, with the count the previous process last reported
+    /// ([`FromDevice::QueuePairs`]) in the same driver session; a `Reset` forgets it. Sent
+    /// before rather than after the `Activate`, so that a `VQ_PAIRS_SET` the driver queued
+    /// while no process ran is applied after it, not overridden by it. No reply.
+    ResumeQueuePairs { pairs: u16 },
 }
 
 /// What a device is, sent once after the handshake.
@@ -290,6 +304,13 @@ pub enum FromDevice {
     InfoWithTable {
         info: DeviceInfo,
         table: ConfigTable,
+    },
+    /// virtio-net only: the driver's `VQ_PAIRS_SET` (§5.1.6.5.5) took effect, frames are
+    /// received on pairs `0..pairs` from now on. Sent before the command's ack is published,
+    /// so a process that dies in between has reported what the driver may already see. The
+    /// runner keeps the last count of the driver session for [`ToDevice::ResumeQueuePairs`].
+    QueuePairs {
+        pairs: u16,
     },
 }
 
@@ -336,7 +357,12 @@ pub enum DeviceMessageError {
     TablePayload { select: u8, subsel: u8, len: usize },
     #[error("input devices must be 1..={MAX_INPUT_DEVICES}, each kind at most once")]
     InputDevices,
+    #[error("{pairs} queue pairs are not within 1..={offered}, the pairs the device offers")]
+    PairsBeyondOffer { pairs: u16, offered: u16 },
 }
+
+/// The virtio device type of a network device (§5.1.1).
+pub const VIRTIO_ID_NET: u16 = 1;
 
 /// The virtio device type of an input device (§5.8.1).
 pub const VIRTIO_ID_INPUT: u16 = 18;
@@ -506,11 +532,31 @@ impl DeviceInfo {
         check_queue_size(self.max_queue_size)?;
         check_config(&self.config)
     }
+
+    /// The receive/transmit queue pairs a virtio-net device offers, from its queue count
+    /// (§5.1.2: `2n + 1` queues for `n` pairs with a control queue; `rx0, tx0` or
+    /// `rx0, tx0, ctrl` for one); 0 for any other kind of device.
+    pub fn net_queue_pairs(&self) -> u16 {
+        if self.device_type != VIRTIO_ID_NET {
+            return 0;
+        }
+        (self.queues.saturating_sub(1) / 2).max(1)
+    }
+
+    /// Checks a queue-pair count against the pairs this device offers.
+    pub fn check_queue_pairs(&self, pairs: u16) -> Result<(), DeviceMessageError> {
+        let offered = self.net_queue_pairs();
+        if pairs == 0 || pairs > offered {
+            return Err(DeviceMessageError::PairsBeyondOffer { pairs, offered });
+        }
+        Ok(())
+    }
 }
 
 impl ToDevice {
     /// Checks an `Activate` against the device's own `info` (the device calls this before
-    /// touching guest memory), or a `ConfigWrite` against its configuration space.
+    /// touching guest memory), a `ConfigWrite` against its configuration space, a
+    /// `ResumeQueuePairs` against the queue pairs it offers.
     pub fn validate(&self, info: &DeviceInfo) -> Result<(), DeviceMessageError> {
         match self {
             ToDevice::Activate { queues, .. } => {
@@ -532,6 +578,7 @@ impl ToDevice {
                 Ok(())
             }
             ToDevice::Reset => Ok(()),
+            ToDevice::ResumeQueuePairs { pairs } => info.check_queue_pairs(*pairs),
             ToDevice::ConfigWrite { offset, data } => {
                 let end = usize::from(*offset).checked_add(data.len());
                 if data.is_empty() || end.is_none_or(|e| e > info.config.len()) {
@@ -581,6 +628,14 @@ impl FromDevice {
             FromDevice::InfoWithTable { info, table } => {
                 info.validate()?;
                 table.validate_for(info)
+            }
+            // The receiver checks it against the device's own offer too
+            // (`DeviceInfo::check_queue_pairs`).
+            FromDevice::QueuePairs { pairs } => {
+                if *pairs == 0 || *pairs > MAX_NET_QUEUE_PAIRS {
+                    return Err(DeviceMessageError::QueuePairs(*pairs));
+                }
+                Ok(())
             }
         }
     }
@@ -782,6 +837,71 @@ mod tests {
             reason: "\n".into(),
         };
         assert_eq!(bad.validate(), Err(DeviceMessageError::Reason));
+    }
+
+    fn net_info(queues: u16) -> DeviceInfo {
+        DeviceInfo {
+            device_type: VIRTIO_ID_NET,
+            features: 1 << 32,
+            queues,
+            max_queue_size: 256,
+            config: vec![0; 12],
+        }
+    }
+
+    #[test]
+    fn the_pairs_a_net_device_offers_follow_from_its_queue_count() {
+        assert_eq!(net_info(2).net_queue_pairs(), 1, "rx0 tx0");
+        assert_eq!(net_info(3).net_queue_pairs(), 1, "rx0 tx0 ctrl");
+        assert_eq!(net_info(5).net_queue_pairs(), 2);
+        assert_eq!(net_info(15).net_queue_pairs(), MAX_NET_QUEUE_PAIRS);
+        assert_eq!(info().net_queue_pairs(), 0, "a block device has none");
+    }
+
+    #[test]
+    fn resuming_queue_pairs_must_stay_within_the_devices_offer() {
+        let resume = |pairs| ToDevice::ResumeQueuePairs { pairs };
+        let four = net_info(9);
+        assert_eq!(resume(1).validate(&four), Ok(()));
+        assert_eq!(resume(4).validate(&four), Ok(()));
+        assert_eq!(resume(4).fd_count(), 0);
+        assert_eq!(
+            resume(5).validate(&four),
+            Err(DeviceMessageError::PairsBeyondOffer {
+                pairs: 5,
+                offered: 4
+            })
+        );
+        assert!(resume(0).validate(&four).is_err());
+        assert!(resume(u16::MAX).validate(&four).is_err());
+        assert!(resume(2).validate(&net_info(2)).is_err(), "one pair only");
+        assert_eq!(
+            resume(1).validate(&info()),
+            Err(DeviceMessageError::PairsBeyondOffer {
+                pairs: 1,
+                offered: 0
+            }),
+            "not for a block device"
+        );
+    }
+
+    #[test]
+    fn reported_queue_pairs_are_bounded_and_round_trip_through_a_channel() {
+        use crate::Channel;
+        let report = |pairs| FromDevice::QueuePairs { pairs };
+        assert_eq!(report(1).validate(), Ok(()));
+        assert_eq!(report(MAX_NET_QUEUE_PAIRS).validate(), Ok(()));
+        assert_eq!(report(0).validate(), Err(DeviceMessageError::QueuePairs(0)));
+        assert!(report(MAX_NET_QUEUE_PAIRS + 1).validate().is_err());
+        let (a, b) = Channel::pair().unwrap();
+        a.send(&report(3), &[]).unwrap();
+        assert_eq!(b.recv::<FromDevice>().unwrap().msg, report(3));
+        b.send(&ToDevice::ResumeQueuePairs { pairs: 3 }, &[])
+            .unwrap();
+        assert_eq!(
+            a.recv::<ToDevice>().unwrap().msg,
+            ToDevice::ResumeQueuePairs { pairs: 3 }
+        );
     }
 
     fn entry(select: u8, subsel: u8, len: usize) -> ConfigEntry {

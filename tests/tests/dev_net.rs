@@ -8,6 +8,8 @@
 //! refilled as they complete) while the host sends into the guest: the rings must never stall
 //! and every completion must interrupt; and a real TCP stream into a listener in the namespace
 //! (the test plays the guest's TCP: handshake, window, go-back-N) must keep being acknowledged.
+//! Multi-queue: flows over two pairs after `VQ_PAIRS_SET`, and a dev-net killed and started
+//! again on the same rings and tap queues that resumes the driver's pair count.
 //!
 //! Needs root (namespaces, the sandbox) and `/dev/net/tun`; skips with a reason otherwise.
 //! Build the binary first: `cargo build -p dev-net`. Nothing outside the namespace is touched.
@@ -210,17 +212,15 @@ impl Frame {
 struct Spawned {
     running: spawn::Running,
     runner: Channel,
-    ram: GuestRam,
     log: tempfile::NamedTempFile,
     info: DeviceInfo,
 }
 
-/// Starts dev-net with one queue pair per tap queue in `taps` (the first passed where a
-/// single-queue NIC's tap goes, the rest after the device channel, as the supervisor does)
-/// and waits for its `Info`.
-fn spawn_dev_net(taps: Vec<OwnedFd>, max_fds: u32) -> Spawned {
+/// Starts dev-net on `ram` with one queue pair per tap queue in `taps` (the first passed
+/// where a single-queue NIC's tap goes, the rest after the device channel, as the supervisor
+/// does) and waits for its `Info`.
+fn spawn_dev_net(ram: &GuestRam, taps: Vec<OwnedFd>, max_fds: u32) -> Spawned {
     let pairs = u16::try_from(taps.len()).expect("pairs");
-    let ram = GuestRam::new(RAM).expect("guest RAM");
     let log = tempfile::NamedTempFile::new().expect("log file");
     let (runner, theirs) = Channel::pair().expect("device channel");
     let (uid, gid) = sandbox::nobody();
@@ -267,7 +267,6 @@ fn spawn_dev_net(taps: Vec<OwnedFd>, max_fds: u32) -> Spawned {
     Spawned {
         running,
         runner,
-        ram,
         log,
         info,
     }
@@ -276,13 +275,13 @@ fn spawn_dev_net(taps: Vec<OwnedFd>, max_fds: u32) -> Spawned {
 impl Harness {
     fn start(rx_buf_len: u32) -> Harness {
         let ns = NetNs::new();
+        let ram = GuestRam::new(RAM).expect("guest RAM");
         let Spawned {
             running,
             runner,
-            ram,
             log,
             info,
-        } = spawn_dev_net(vec![ns.tap()], 64);
+        } = spawn_dev_net(&ram, vec![ns.tap()], 64);
         let rx = SplitQueue::new(&ram, RXQ_BASE, QSIZE).expect("rx queue");
         let tx = SplitQueue::new(&ram, TXQ_BASE, QSIZE).expect("tx queue");
         let mut h = Harness {
@@ -1462,7 +1461,7 @@ const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 const VIRTIO_NET_F_MQ: u64 = 1 << 22;
 
 /// A dev-net with two queue pairs on a two-queue tap, and a control queue; the test plays
-/// the guest's driver.
+/// the guest's driver (and the runner).
 struct MqRig {
     ns: NetNs,
     running: Option<spawn::Running>,
@@ -1472,6 +1471,8 @@ struct MqRig {
     info: DeviceInfo,
     /// rx0, tx0, rx1, tx1, ctrl.
     queues: Vec<SplitQueue>,
+    /// The tap's queues, kept as the supervisor keeps them for a restarted dev-net.
+    taps: Vec<OwnedFd>,
 }
 
 impl MqRig {
@@ -1481,13 +1482,14 @@ impl MqRig {
 
     fn start() -> MqRig {
         let ns = NetNs::new();
+        let ram = GuestRam::new(RAM).expect("guest RAM");
+        let taps = ns.tap_queues(usize::from(MQ_PAIRS));
         let Spawned {
             running,
             runner,
-            ram,
             log,
             info,
-        } = spawn_dev_net(ns.tap_queues(usize::from(MQ_PAIRS)), 96);
+        } = spawn_dev_net(&ram, clone_fds(&taps), 96);
         let queues = (0..5u64)
             .map(|q| SplitQueue::new(&ram, 0x1_0000 + q * 0x1_0000, MQ_QSIZE).expect("queue"))
             .collect();
@@ -1499,6 +1501,7 @@ impl MqRig {
             log,
             info,
             queues,
+            taps,
         }
     }
 
@@ -1506,12 +1509,18 @@ impl MqRig {
         fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
+    /// Posts every receive buffer, then activates.
     fn activate(&mut self) {
         for pair in 0..MQ_PAIRS {
             for i in 0..MQ_QSIZE {
                 self.post_rx(pair, i);
             }
         }
+        self.send_activate();
+    }
+
+    /// `Activate` with every queue as it stands in guest memory.
+    fn send_activate(&mut self) {
         let configs: Vec<QueueConfig> = self
             .queues
             .iter()
@@ -1547,6 +1556,30 @@ impl MqRig {
         for pair in 0..MQ_PAIRS {
             self.queues[usize::from(pair) * 2].kick();
         }
+    }
+
+    /// Kills dev-net and starts a new one on the same guest RAM, rings and tap queues, as the
+    /// supervisor and the runner do after a crash: the runner's `ResumeQueuePairs` (if
+    /// `resume`) and the same `Activate`.
+    fn restart(&mut self, resume: Option<u16>) {
+        if let Some(mut r) = self.running.take() {
+            r.process.kill().expect("kill dev-net");
+            r.process.wait().expect("reap dev-net");
+        }
+        let Spawned {
+            running,
+            runner,
+            log,
+            info,
+        } = spawn_dev_net(&self.ram, clone_fds(&self.taps), 96);
+        assert_eq!(info, self.info, "the same device comes back");
+        (self.running, self.runner, self.log) = (Some(running), runner, log);
+        if let Some(pairs) = resume {
+            self.runner
+                .send(&ToDevice::ResumeQueuePairs { pairs }, &[])
+                .expect("resume");
+        }
+        self.send_activate();
     }
 
     fn post_rx(&mut self, pair: u16, i: u16) {
@@ -1649,6 +1682,12 @@ impl MqRig {
     }
 }
 
+fn clone_fds(fds: &[OwnedFd]) -> Vec<OwnedFd> {
+    fds.iter()
+        .map(|f| f.try_clone().expect("dup tap fd"))
+        .collect()
+}
+
 impl Drop for MqRig {
     fn drop(&mut self) {
         if let Some(mut r) = self.running.take() {
@@ -1738,6 +1777,72 @@ fn multiqueue_pairs_each_carry_frames_and_vq_pairs_set_is_checked() {
             .expect("wait")
             .is_none(),
         "dev-net still runs; log:\n{log}"
+    );
+}
+
+/// The count the driver set survives a dev-net restart: dev-net reports `VQ_PAIRS_SET` to the
+/// runner, and a new process told the count (`ResumeQueuePairs`) before its `Activate`
+/// receives on both pairs with no control command, while one not told receives on pair 0.
+#[test]
+fn a_restarted_dev_net_told_the_drivers_pair_count_receives_on_every_pair() {
+    if skip() {
+        return;
+    }
+    let mut rig = MqRig::start();
+    rig.activate();
+    assert_eq!(rig.ctrl(&[4, 0, 2, 0]), 0, "VIRTIO_NET_OK for 2 pairs");
+    let report = rig
+        .runner
+        .recv_timeout::<FromDevice>(WAIT)
+        .unwrap_or_else(|e| panic!("report: {e}; log:\n{}", rig.log_text()))
+        .msg;
+    assert_eq!(report, FromDevice::QueuePairs { pairs: 2 });
+
+    // Not told: everything arrives, all of it on pair 0.
+    rig.restart(None);
+    rig.send_flows(9201, 24);
+    let untold = rig.udp_by_pair(9201, 24, Duration::from_secs(5));
+    assert_eq!(untold.len(), 24, "every datagram arrives: {untold:?}");
+    assert!(
+        untold.iter().all(|&(p, _)| p == 0),
+        "only rx0 without the count: {untold:?}"
+    );
+
+    // Told: flows spread over both receive queues with no control command (48 flows all on
+    // one of two tap queues has odds 2^-47).
+    rig.restart(Some(2));
+    rig.send_flows(9202, 48);
+    let resumed = rig.udp_by_pair(9202, 48, Duration::from_secs(5));
+    assert_eq!(resumed.len(), 48, "every datagram arrives: {resumed:?}");
+    for pair in 0..MQ_PAIRS {
+        assert!(
+            resumed.iter().any(|&(p, _)| p == pair),
+            "rx{pair} got none: {resumed:?}; log:\n{}",
+            rig.log_text()
+        );
+    }
+    let log = rig.log_text();
+    assert!(log.contains("queue pairs enabled (resumed)"), "log:\n{log}");
+    // Resuming reports nothing: the runner's count stands.
+    assert!(
+        rig.runner
+            .recv_timeout::<FromDevice>(Duration::from_millis(200))
+            .is_err(),
+        "no message after Activated"
+    );
+    // A count beyond the offer is refused before anything is resumed.
+    rig.runner
+        .send(&ToDevice::ResumeQueuePairs { pairs: 3 }, &[])
+        .expect("send");
+    assert!(
+        matches!(
+            rig.runner
+                .recv_timeout::<FromDevice>(WAIT)
+                .expect("reply")
+                .msg,
+            FromDevice::NeedsReset { .. }
+        ),
+        "3 of 2 pairs refused"
     );
 }
 

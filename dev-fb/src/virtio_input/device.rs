@@ -344,6 +344,8 @@ impl VirtioInput {
                 // The runner answers the selector space itself; nothing else is writable.
                 tracing::debug!(device = name, offset, "ignoring a configuration write");
             }
+            // virtio-net's; `validate` refuses it for any other device.
+            ToDevice::ResumeQueuePairs { .. } => {}
         }
     }
 

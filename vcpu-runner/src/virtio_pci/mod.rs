@@ -8,6 +8,9 @@
 //! registers the kick as a KVM ioeventfd on the queue's notify address and the call as an
 //! irqfd on the GSI routed from the queue's MSI-X entry, and sends the device
 //! `ToDevice::Activate` with both. Afterwards neither kicks nor interrupts pass through here.
+//! A restarted device process gets the same `Activate` again; before it, a virtio-net device
+//! gets the queue-pair count its predecessor last reported (`FromDevice::QueuePairs`, kept
+//! until the driver resets the device) as `ToDevice::ResumeQueuePairs`.
 //!
 //! BAR0 (64-bit memory, [`BAR_SIZE`] bytes) holds, at fixed offsets:
 //!
@@ -88,6 +91,9 @@ const ISR_CONFIG: u8 = 0x2;
 /// `NOTIFICATION_DATA`, `RING_RESET`, `ADMIN_VQ` or `SR_IOV`.
 const TRANSPORT_FEATURES: u64 =
     0x00ff_ffff | (1 << 28) | (1 << 29) | F_VERSION_1 | (1 << 35) | (1 << 36) | (!0u64 << 50);
+
+/// `VIRTIO_NET_F_MQ` (§5.1.3): without it a virtio-net device has one queue pair.
+const NET_F_MQ: u64 = 1 << 22;
 
 /// Reads of `device_status` while a reset waits for the device's `ResetDone`, after which the
 /// reset completes anyway (a hung or hostile device must not hang the driver's reset).
@@ -182,6 +188,10 @@ struct ActiveQueue {
 struct Active {
     features: u64,
     queues: Vec<ActiveQueue>,
+    /// The receive queue pairs a virtio-net device last reported enabled (more than 1 only),
+    /// for a restarted process: `ToDevice::ResumeQueuePairs` before its `Activate`. Kept here
+    /// so that a driver reset, which drops this, starts again from 1 pair (§5.1.6.5.5).
+    queue_pairs: Option<u16>,
     /// Being reset: its registrations are being removed.
     stopping: bool,
 }
@@ -375,8 +385,14 @@ impl VirtioPci {
         }
     }
 
+    /// `Activate` for the live queues, preceded by the queue-pair count to resume with if the
+    /// device reported one in this driver session.
     fn send_activate(&self) {
         let Some(active) = self.live() else { return };
+        if let Some(pairs) = active.queue_pairs {
+            // Whatever becomes of it, the device is activated (with 1 pair at worst).
+            self.send(&ToDevice::ResumeQueuePairs { pairs }, &[]);
+        }
         let msg = ToDevice::Activate {
             features: active.features,
             queues: active.queues.iter().map(|q| q.config).collect(),
@@ -421,6 +437,7 @@ impl VirtioPci {
         self.active = Some(Active {
             features: self.common.driver_features(),
             queues,
+            queue_pairs: None,
             stopping: false,
         });
         self.sync_ioeventfds();
@@ -508,6 +525,7 @@ impl VirtioPci {
                     self.raise_config();
                 }
             }
+            FromDevice::QueuePairs { pairs } => self.queue_pairs_reported(pairs),
             FromDevice::NeedsReset { reason } => {
                 if self.live().is_some() {
                     tracing::warn!(%reason, "virtio device needs a reset");
@@ -519,9 +537,38 @@ impl VirtioPci {
         }
     }
 
+    /// A virtio-net device applied the driver's `VQ_PAIRS_SET`: kept for a restarted process
+    /// if it is within what the device offered and negotiated, and the device is live (a
+    /// report from before a reset belongs to the old driver). Anything else is dropped: a
+    /// compromised device can only make its own restart resume with a count the driver
+    /// could have set.
+    fn queue_pairs_reported(&mut self, pairs: u16) {
+        let offered = self.info.check_queue_pairs(pairs);
+        let Some(active) = self.active.as_mut().filter(|a| !a.stopping) else {
+            tracing::debug!(
+                pairs,
+                "virtio-pci: queue pairs of an inactive device ignored"
+            );
+            return;
+        };
+        if let Err(e) = offered {
+            tracing::warn!(error = %e, "virtio-pci: queue-pair report refused");
+            return;
+        }
+        if pairs > 1 && active.features & NET_F_MQ == 0 {
+            tracing::warn!(pairs, "virtio-pci: queue pairs reported without MQ refused");
+            return;
+        }
+        let kept = (pairs > 1).then_some(pairs);
+        if active.queue_pairs != kept {
+            active.queue_pairs = kept;
+            tracing::info!(pairs, "virtio-net queue pairs enabled by the driver");
+        }
+    }
+
     /// A restarted device process introduced itself: if it is the same device, it gets the
-    /// same `Activate` and eventfds (the KVM registrations stay); otherwise the driver is
-    /// told to reset.
+    /// same `Activate` and eventfds (the KVM registrations stay), after the queue-pair count
+    /// to resume with if there is one; otherwise the driver is told to reset.
     fn restarted(&mut self, info: DeviceInfo, table: Option<&ConfigTable>) {
         let same = info.device_type == self.info.device_type
             && info.features == self.info.features

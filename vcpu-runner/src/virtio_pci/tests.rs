@@ -837,6 +837,169 @@ fn a_restarted_device_gets_the_same_activate_and_eventfds() {
     assert_eq!(rig.status() & 0x40, 0x40);
 }
 
+const F_NET_CTRL_VQ: u64 = 1 << 17;
+const F_NET_MQ: u64 = 1 << 22;
+
+/// A virtio-net device of two queue pairs: rx0 tx0 rx1 tx1 ctrl.
+fn net_info() -> DeviceInfo {
+    DeviceInfo {
+        device_type: 1,
+        features: F_VERSION_1 | F_NET_CTRL_VQ | F_NET_MQ,
+        queues: 5,
+        max_queue_size: 256,
+        config: vec![0; 12],
+    }
+}
+
+/// Probes a net device with `features` and its five queues enabled (no MSI-X: the queues'
+/// interrupts do not matter here).
+fn net_probe(rig: &Rig, features: u64) {
+    rig.negotiate(features);
+    for q in 0..5u16 {
+        rig.setup_queue(q, 64, NO_VECTOR, 0x10_0000 * (u64::from(q) + 1));
+    }
+    rig.write(STATUS, 1, 0xf);
+    assert_eq!(rig.status(), 0xf);
+}
+
+/// The device process dies and a new one with `info` introduces itself: what the new one
+/// is sent (messages only).
+fn restart_device(rig: &Rig, info: DeviceInfo) -> Vec<ToDevice> {
+    let new_dev = FakeDevice::new(info.clone());
+    let mut pci = rig.pci.lock().unwrap();
+    pci.device_gone();
+    pci.replace_device(new_dev.clone());
+    pci.handle(FromDevice::Info(info));
+    drop(pci);
+    assert_eq!(*new_dev.errors.lock().unwrap(), Vec::<String>::new());
+    new_dev.sent().into_iter().map(|(m, _)| m).collect()
+}
+
+fn activates(msgs: &[ToDevice]) -> bool {
+    matches!(msgs, [ToDevice::Activate { .. }])
+}
+
+#[test]
+fn a_restarted_net_device_is_told_the_queue_pairs_reported_before_its_activate() {
+    let rig = Rig::with(net_info());
+    net_probe(&rig, F_VERSION_1 | F_NET_CTRL_VQ | F_NET_MQ);
+    let (first, fds) = rig.dev.sent()[0].clone();
+    assert!(matches!(first, ToDevice::Activate { .. }));
+
+    rig.pci
+        .lock()
+        .unwrap()
+        .handle(FromDevice::QueuePairs { pairs: 2 });
+    let new_dev = FakeDevice::new(net_info());
+    {
+        let mut pci = rig.pci.lock().unwrap();
+        pci.device_gone();
+        pci.replace_device(new_dev.clone());
+        pci.handle(FromDevice::Info(net_info()));
+    }
+
+    assert_eq!(
+        new_dev.sent(),
+        vec![
+            (ToDevice::ResumeQueuePairs { pairs: 2 }, vec![]),
+            (first, fds)
+        ],
+        "the count first, then the same Activate with the same eventfds"
+    );
+    assert_eq!(*new_dev.errors.lock().unwrap(), Vec::<String>::new());
+    // Kept for a second restart too; a report of 1 pair forgets it.
+    let again = restart_device(&rig, net_info());
+    assert_eq!(
+        again.first(),
+        Some(&ToDevice::ResumeQueuePairs { pairs: 2 })
+    );
+    rig.pci
+        .lock()
+        .unwrap()
+        .handle(FromDevice::QueuePairs { pairs: 1 });
+    assert!(activates(&restart_device(&rig, net_info())));
+    rig.assert_clean();
+}
+
+#[test]
+fn after_a_driver_reset_a_restarted_net_device_starts_from_one_pair() {
+    let rig = Rig::with(net_info());
+    net_probe(&rig, F_VERSION_1 | F_NET_CTRL_VQ | F_NET_MQ);
+    rig.pci
+        .lock()
+        .unwrap()
+        .handle(FromDevice::QueuePairs { pairs: 2 });
+
+    // The driver resets the device (a reboot, a driver reload) and probes it again.
+    rig.write(STATUS, 1, 0);
+    rig.pci.lock().unwrap().handle(FromDevice::ResetDone);
+    assert_eq!(rig.status(), 0);
+    // A report still in flight from before the reset belongs to the old driver.
+    rig.pci
+        .lock()
+        .unwrap()
+        .handle(FromDevice::QueuePairs { pairs: 2 });
+    rig.dev.take();
+    net_probe(&rig, F_VERSION_1 | F_NET_CTRL_VQ | F_NET_MQ);
+    assert!(
+        activates(
+            &rig.dev
+                .take()
+                .into_iter()
+                .map(|(m, _)| m)
+                .collect::<Vec<_>>()
+        ),
+        "a new driver session's Activate comes alone"
+    );
+
+    assert!(activates(&restart_device(&rig, net_info())));
+    rig.assert_clean();
+}
+
+#[test]
+fn queue_pair_reports_beyond_the_offer_or_without_mq_are_refused() {
+    // More pairs than offered, none, far too many: nothing to resume.
+    let rig = Rig::with(net_info());
+    net_probe(&rig, F_VERSION_1 | F_NET_CTRL_VQ | F_NET_MQ);
+    for pairs in [3, 0, u16::MAX] {
+        rig.pci
+            .lock()
+            .unwrap()
+            .handle(FromDevice::QueuePairs { pairs });
+        assert!(
+            activates(&restart_device(&rig, net_info())),
+            "{pairs} pairs refused"
+        );
+    }
+    rig.assert_clean();
+
+    // The driver did not negotiate MQ: one pair is all it can have.
+    let rig = Rig::with(net_info());
+    net_probe(&rig, F_VERSION_1 | F_NET_CTRL_VQ);
+    rig.pci
+        .lock()
+        .unwrap()
+        .handle(FromDevice::QueuePairs { pairs: 2 });
+    assert!(activates(&restart_device(&rig, net_info())));
+
+    // Not before DRIVER_OK, and never for a device that is not a NIC.
+    let rig = Rig::with(net_info());
+    rig.pci
+        .lock()
+        .unwrap()
+        .handle(FromDevice::QueuePairs { pairs: 2 });
+    net_probe(&rig, F_VERSION_1 | F_NET_CTRL_VQ | F_NET_MQ);
+    assert!(activates(&restart_device(&rig, net_info())));
+    let mut rig = Rig::new();
+    rig.probe();
+    rig.pci
+        .lock()
+        .unwrap()
+        .handle(FromDevice::QueuePairs { pairs: 2 });
+    assert!(activates(&restart_device(&rig, blk_info())));
+    rig.assert_clean();
+}
+
 #[test]
 fn construction_refuses_legacy_devices_bad_types_and_bad_bar_addresses() {
     let host: Arc<dyn VirtioHost> = Arc::new(FakeHost::default());
