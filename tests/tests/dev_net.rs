@@ -28,11 +28,9 @@ use std::time::{Duration, Instant};
 use nix::sched::{CloneFlags, setns};
 use proto::bootstrap::{Bootstrap, FdRole, Role, SandboxSettings};
 use proto::channel::{Channel, ChannelKind};
-use proto::device::{
-    DeviceInfo, DeviceSetup, FromDevice, MemoryRegion, NetSetup, QueueConfig, ToDevice,
-};
+use proto::device::{DeviceInfo, DeviceSetup, FromDevice, MemoryRegion, NetSetup, ToDevice};
 use supervisor::spawn;
-use tests::virtio_driver::{Buf, GuestRam, SplitQueue, Used};
+use tests::virtio_driver::{Buf, GuestRam, SplitQueue, Used, activation};
 
 const RAM: u64 = 16 << 20;
 const QSIZE: u16 = 256;
@@ -334,31 +332,8 @@ impl Harness {
         for i in 0..self.rx_posted {
             self.post_rx(i);
         }
-        let configs: Vec<QueueConfig> = [(0u16, &self.rx), (1, &self.tx)]
-            .iter()
-            .map(|(index, q)| QueueConfig {
-                index: *index,
-                size: q.size,
-                desc: q.desc,
-                avail: q.avail,
-                used: q.used,
-            })
-            .collect();
-        let fds = [
-            self.rx.kick.as_fd(),
-            self.rx.call.as_fd(),
-            self.tx.kick.as_fd(),
-            self.tx.call.as_fd(),
-        ];
-        self.runner
-            .send(
-                &ToDevice::Activate {
-                    features,
-                    queues: configs,
-                },
-                &fds,
-            )
-            .expect("activate");
+        let (msg, fds) = activation(features, [(0, &self.rx), (1, &self.tx)]);
+        self.runner.send(&msg, &fds).expect("activate");
         let reply = self.runner_msg();
         assert_eq!(reply, FromDevice::Activated, "log:\n{}", self.log_text());
         self.rx.notify(&self.ram);
@@ -1521,32 +1496,8 @@ impl MqRig {
 
     /// `Activate` with every queue as it stands in guest memory.
     fn send_activate(&mut self) {
-        let configs: Vec<QueueConfig> = self
-            .queues
-            .iter()
-            .zip(0u16..)
-            .map(|(q, index)| QueueConfig {
-                index,
-                size: q.size,
-                desc: q.desc,
-                avail: q.avail,
-                used: q.used,
-            })
-            .collect();
-        let fds: Vec<_> = self
-            .queues
-            .iter()
-            .flat_map(|q| [q.kick.as_fd(), q.call.as_fd()])
-            .collect();
-        self.runner
-            .send(
-                &ToDevice::Activate {
-                    features: self.info.features,
-                    queues: configs,
-                },
-                &fds,
-            )
-            .expect("activate");
+        let (msg, fds) = activation(self.info.features, (0..).zip(&self.queues));
+        self.runner.send(&msg, &fds).expect("activate");
         let reply = self
             .runner
             .recv_timeout::<FromDevice>(WAIT)
