@@ -8,7 +8,7 @@
 #   vmlinux        the same kernel uncompressed (ELF, boots via PVH: faster)
 #   kit.cpio       the guest kit: busybox, /init (init.sh), /bin/kit-test, the
 #                  virtio + bochs modules (modules.kit) with a load order
-#   kit-packages.cpio  the same plus the programs of packages.kit (iperf3)
+#   kit-packages.cpio  the same plus the programs of packages.kit (iperf3, fio)
 #                  with their libraries, for the benchmarks (a separate image:
 #                  8 MiB more initramfs cost ~10 s of boot nested under TCG)
 #   testhost.cpio  the same plus testhost-init.sh and modules.testhost, for the
@@ -314,9 +314,13 @@ install_packages() {
         echo "$p" >>"$d/etc/kit-files"
         interp=$(readelf -lW "$d$p" 2>/dev/null | sed -n 's/.*program interpreter: \(.*\)]$/\1/p')
         [ -z "$interp" ] || todo="$todo $interp"
+        # The object's own DT_RUNPATH/DT_RPATH directories come first for its
+        # NEEDED libraries (librados finds libceph-common in .../ceph so).
+        runpath=$(readelf -dW "$d$p" 2>/dev/null | sed -n 's/.*(R[UN]*PATH).*\[\(.*\)\]$/\1/p' |
+            tr ':' '\n' | sed "s|^\\\$ORIGIN|$(dirname "$p")|;s|^\\\${ORIGIN}|$(dirname "$p")|" | grep '^/' | tr '\n' ' ')
         for so in $(readelf -dW "$d$p" 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'); do
             found=
-            for dir in $LIB_DIRS; do
+            for dir in $runpath $LIB_DIRS; do
                 if in_pkgs "$dir/$so" >/dev/null; then
                     found=$dir/$so
                     break

@@ -25,6 +25,7 @@
 //! cache (`$CAPVM_CACHE`, default `/var/cache/capvm`), temporary directories,
 //! child processes it starts (QEMU, `vm`, the test host), `/dev/kvm`.
 
+pub mod bench;
 pub mod console;
 pub mod graphics_guest;
 pub mod harness;

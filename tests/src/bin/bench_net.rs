@@ -34,6 +34,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use tests::bench::{median, packages_initrd};
 use tests::kit::{Action, Kit, KitCmdline};
 use tests::launcher::{
     Accel, CapvmLauncher, GuestSpec, LaunchError, Launcher, Machine, QemuLauncher,
@@ -381,19 +382,6 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The kit image with iperf3 (`KIT_PACKAGES_INITRD` of `kit.env`, see tests/kit/README.md).
-fn packages_initrd(kit_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let env = kit_dir.join("kit.env");
-    let text = fs::read_to_string(&env).with_context(|| format!("reading {}", env.display()))?;
-    let path = text
-        .lines()
-        .find_map(|l| l.strip_prefix("KIT_PACKAGES_INITRD="))
-        .with_context(|| format!("{} names no KIT_PACKAGES_INITRD", env.display()))?;
-    let path = std::path::PathBuf::from(path);
-    ensure!(path.is_file(), "{} does not exist", path.display());
-    Ok(path)
-}
-
 fn print_sample(vmm: &str, run: usize, s: &Sample) {
     let f = s.figures();
     let mut line = format!("MEASURE bench_net vmm={vmm} run={run}");
@@ -471,19 +459,6 @@ fn print_table(samples: &[Vec<Sample>; 2], columns: &[String; 2]) {
         None => println!("dev-net resident set: not measured"),
     }
     println!("(a ratio marked ! is one where {a} is worse than {b})");
-}
-
-/// The middle value; the mean of the two middle values of an even count.
-fn median(v: &[f64]) -> Option<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let upper = *v.get(v.len() / 2)?;
-    if v.len().is_multiple_of(2) {
-        let lower = *v.get(v.len() / 2 - 1)?;
-        Some(f64::midpoint(lower, upper))
-    } else {
-        Some(upper)
-    }
 }
 
 /// `iperf3 -s` on the host side of the link, for the whole bench.
@@ -731,7 +706,7 @@ fn run_ok(vm: &mut TestVm, command: &str) -> anyhow::Result<String> {
 
 #[cfg(test)]
 mod unit {
-    use super::{Stats, iperf_receiver_mbit, median, ping_times};
+    use super::{Stats, iperf_receiver_mbit, ping_times};
 
     #[test]
     fn iperf3_receiver_line_is_read_in_mbit_per_second() {
@@ -758,13 +733,6 @@ mod unit {
         let busybox = "64 bytes from 198.18.9.1: seq=0 ttl=64 time=2.000 ms";
         assert_eq!(ping_times(busybox), vec![2.0]);
         assert_eq!(ping_times("0.3\n0.4\n"), vec![0.3, 0.4]);
-    }
-
-    #[test]
-    fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
-        assert_eq!(median(&[5.0, 1.0, 3.0]), Some(3.0));
-        assert_eq!(median(&[40.0, 10.0]), Some(25.0));
-        assert_eq!(median(&[]), None);
     }
 
     #[test]
