@@ -17,10 +17,10 @@
 //!
 //! **Not the default.** Measured with `scripts/bench-blk.sh --compare-engines` (4 KiB random
 //! at queue depth 32, both engines interleaved in one run, medians of 7 rounds, on a 2-CPU
-//! Firecracker guest whose disk is virtio-blk; two runs): with [`SPIN_US`] of polling this
-//! engine reads as fast as the worker pool (86-87 % of the host against 86-88 %) but writes
-//! slower (72-75 % against 82-83 %), at 30-40 % less CPU per request (7.0-8.3 against
-//! 10.9-13.4 µs). It stays opt-in for security: the pool needs nothing beyond plain
+//! Firecracker guest whose disk is virtio-blk; two runs on an otherwise idle machine): with
+//! [`SPIN_US`] of polling this engine completes about as many requests as the worker pool
+//! (read 101-102 % of the host against 81-104 %, write 65-74 % against 73-79 %) at 30-55 %
+//! less CPU per request (5.9-6.8 against 9.1-13.1 µs). It stays opt-in for security: the pool needs nothing beyond plain
 //! `preadv`/`pwritev`, while every ring keeps the kernel's `io_uring` machinery reachable from
 //! a process a guest may have taken over (restricted to five operations, but still one of the
 //! kernel's larger attack surfaces). `CAPVM_BLK_IO=uring` in the supervisor's environment
@@ -83,11 +83,12 @@ const RESERVE_FROM: usize = 8;
 const INLINE_IOVS: usize = 8;
 /// How long, in µs, a serving thread with requests in flight polls for a completion or a new
 /// chain before it sleeps in `io_uring_enter`. Measured with `scripts/bench-blk.sh` (4 KiB
-/// random at queue depth 32, interleaved rounds): without polling 73 % of the host's reads and
-/// 65 % of its writes at 5.7 and 5.0 µs of dev-blk CPU per request; polling 50 µs, 87.5 % and
-/// 80.6 % at 7.8 and 7.9 µs; 20 µs was in between, 100-200 µs gained nothing more and cost up
-/// to 14 µs. A sleeping thread's wake-up (an idle CPU halted in a VM) is slower than the
-/// disk's next completion. Nothing is polled while no request is in flight.
+/// random at queue depth 32, interleaved rounds, an otherwise idle machine): without polling
+/// 72.9 % of the host's reads and 64.7 % of its writes at 4.4 and 3.3 µs of dev-blk CPU per
+/// request; polling 50 µs, 91.9 % and 76.2 % at 6.3 and 5.8 µs. (On a loaded machine 20 µs
+/// fell in between, and 100-200 µs gained nothing more and cost up to 14 µs.) A sleeping
+/// thread's wake-up (an idle CPU halted in a VM) is slower than the disk's next completion.
+/// Nothing is polled while no request is in flight.
 pub const SPIN_US: u64 = 50;
 /// The environment variable that overrides [`SPIN_US`] (0 to 1000; 0 never polls), for
 /// measuring.
