@@ -58,6 +58,18 @@ pub enum RunError {
     WrongSetup,
 }
 
+/// A measuring knob: `var`'s value if it parses as a number within `range`, else `default`.
+pub(crate) fn env_number<T>(var: &str, range: std::ops::RangeInclusive<T>, default: T) -> T
+where
+    T: std::str::FromStr + PartialOrd,
+{
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<T>().ok())
+        .filter(|n| range.contains(n))
+        .unwrap_or(default)
+}
+
 /// Runs the process: bootstrap, capability mode, device setup, then serve until the
 /// supervisor or the runner hangs up.
 pub fn run() -> Result<(), RunError> {

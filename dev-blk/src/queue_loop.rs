@@ -65,11 +65,7 @@ pub const WORKERS_ENV: &str = "CAPVM_BLK_WORKERS";
 
 /// Workers per queue: [`WORKERS_PER_QUEUE`] unless [`WORKERS_ENV`] names another count.
 pub fn workers_per_queue() -> usize {
-    std::env::var(WORKERS_ENV)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| (1..=64).contains(n))
-        .unwrap_or(WORKERS_PER_QUEUE)
+    crate::env_number(WORKERS_ENV, 1..=64, WORKERS_PER_QUEUE)
 }
 
 const TOKEN_KICK: u64 = 0;

@@ -20,10 +20,10 @@
 //! Firecracker guest whose disk is virtio-blk; two runs on an otherwise idle machine): with
 //! [`SPIN_US`] of polling this engine completes about as many requests as the worker pool
 //! (read 101-102 % of the host against 81-104 %, write 65-74 % against 73-79 %) at 30-55 %
-//! less CPU per request (5.9-6.8 against 9.1-13.1 µs). It stays opt-in for security: the pool needs nothing beyond plain
-//! `preadv`/`pwritev`, while every ring keeps the kernel's `io_uring` machinery reachable from
-//! a process a guest may have taken over (restricted to five operations, but still one of the
-//! kernel's larger attack surfaces). `CAPVM_BLK_IO=uring` in the supervisor's environment
+//! less CPU per request (5.9-6.8 against 9.1-13.1 µs). It stays opt-in for security: the
+//! pool needs nothing beyond plain `preadv`/`pwritev`, while every ring keeps the kernel's
+//! `io_uring` machinery reachable from a process a guest may have taken over (restricted to
+//! five operations, but still one of the kernel's larger attack surfaces). `CAPVM_BLK_IO=uring` in the supervisor's environment
 //! turns it on, for hosts where CPU per I/O matters more.
 //!
 //! # The rings are made before capability mode
@@ -96,11 +96,7 @@ pub const SPIN_ENV: &str = "CAPVM_BLK_SPIN_US";
 
 /// The polling time: [`SPIN_US`] unless [`SPIN_ENV`] names another; `None` for 0.
 fn spin_time() -> Option<Duration> {
-    let us = std::env::var(SPIN_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|us| *us <= 1000)
-        .unwrap_or(SPIN_US);
+    let us = crate::env_number(SPIN_ENV, 0..=1000, SPIN_US);
     (us > 0).then(|| Duration::from_micros(us))
 }
 
@@ -447,29 +443,32 @@ impl Server {
             return false;
         }
         let until = Instant::now() + spin;
-        let mem = Arc::clone(&self.shared.mem);
         loop {
             if !self.ring.completion().is_empty() {
                 return true;
             }
-            for q in &self.queues {
-                if q.broken {
-                    continue;
-                }
-                let avail = q
-                    .queue
-                    .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire);
-                if avail.is_ok_and(|a| a.0 != q.queue.next_avail())
-                    && q.in_flight < in_flight_cap(&q.queue, &mem)
-                {
-                    return true;
-                }
+            let mem = &*self.shared.mem;
+            let offered = |q: &QueueState| {
+                q.queue
+                    .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                    .is_ok_and(|a| a.0 != q.queue.next_avail())
+            };
+            if self.queues.iter().any(|q| offered(q) && self.may_take(q)) {
+                return true;
             }
             if Instant::now() >= until {
                 return false;
             }
             std::hint::spin_loop();
         }
+    }
+
+    /// Whether `q` may have one more request in flight: the ring is under its cap, the queue
+    /// is healthy and under its own ([`in_flight_cap`]).
+    fn may_take(&self, q: &QueueState) -> bool {
+        self.slots.len() - self.free.len() < self.cap
+            && !q.broken
+            && q.in_flight < in_flight_cap(&q.queue, &self.shared.mem)
     }
 
     /// Queues an operation, submitting what is queued first when the ring is full.
@@ -499,16 +498,13 @@ impl Server {
     fn take_all(&mut self) {
         for qi in 0..self.queues.len() {
             loop {
-                if self.slots.len() - self.free.len() >= self.cap {
-                    return;
+                if !self.queues.get(qi).is_some_and(|q| self.may_take(q)) {
+                    break;
                 }
                 let mem = Arc::clone(&self.shared.mem);
                 let Some(q) = self.queues.get_mut(qi) else {
                     break;
                 };
-                if q.broken || q.in_flight >= in_flight_cap(&q.queue, &mem) {
-                    break;
-                }
                 let taken = match q.replay.pop_front() {
                     Some(r) => Ok(Some(r)),
                     None => pop_logged(&mut q.queue, &q.log, &mem),
