@@ -32,9 +32,51 @@ pub fn packages_initrd(kit_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Tries per guest and run: nested guests sometimes die for reasons of the test host
+/// (tests/README.md), so one more attempt before the run counts as failed.
+pub const ATTEMPTS: u32 = 2;
+
+/// Runs `measure` until it succeeds, at most [`ATTEMPTS`] times, printing
+/// `RETRY <bench> vmm=<vmm> run=<run> attempt=<n>: <error>` for each failure but the last and
+/// `FAILED ...` for the last; `None` when every attempt failed.
+pub fn with_attempts<T>(
+    bench: &str,
+    vmm: &str,
+    run: usize,
+    mut measure: impl FnMut() -> anyhow::Result<T>,
+) -> Option<T> {
+    for attempt in 1..=ATTEMPTS {
+        match measure() {
+            Ok(v) => return Some(v),
+            Err(e) if attempt < ATTEMPTS => {
+                println!("RETRY {bench} vmm={vmm} run={run} attempt={attempt}: {e:#}");
+            }
+            Err(e) => println!("FAILED {bench} vmm={vmm} run={run}: {e:#}"),
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{ATTEMPTS, median, with_attempts};
+
+    #[test]
+    fn attempts_stop_at_the_first_success_and_give_up_after_the_last_failure() {
+        let mut calls = 0;
+        let got = with_attempts("t", "v", 1, || {
+            calls += 1;
+            anyhow::ensure!(calls >= 2, "died");
+            Ok(calls)
+        });
+        assert_eq!((got, calls), (Some(2), 2));
+        let mut calls = 0;
+        let got: Option<()> = with_attempts("t", "v", 1, || {
+            calls += 1;
+            anyhow::bail!("died")
+        });
+        assert_eq!((got, calls), (None, ATTEMPTS));
+    }
 
     #[test]
     fn median_of_an_even_count_is_the_mean_of_the_middle_two() {

@@ -30,7 +30,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use tests::bench::{median, packages_initrd};
+use tests::bench::{median, packages_initrd, with_attempts};
 use tests::kit::{Action, Kit, KitCmdline};
 use tests::launcher::{
     Accel, CapvmLauncher, GuestSpec, LaunchError, Launcher, Machine, QemuLauncher,
@@ -45,8 +45,6 @@ const GUEST: &str = "bench";
 const CPUS: u32 = 2;
 const MEMORY_MIB: u32 = 512;
 const IODEPTH: u32 = 32;
-/// Attempts per guest and run (nested guests sometimes die for the test host's reasons).
-const ATTEMPTS: u32 = 2;
 
 /// capvm with one virtio-blk disk: the `vm` launcher's datastore plus `disk0`, opened
 /// `O_DIRECT` (`disk0_opts="direct"`, as QEMU's `cache=none`).
@@ -491,22 +489,13 @@ fn run() -> anyhow::Result<()> {
             let Some((launcher, disks)) = launchers.get(l) else {
                 continue;
             };
-            for attempt in 1..=ATTEMPTS {
+            let measured = with_attempts("bench_disk", &launcher.name(), run, || {
                 let result = measure(*launcher, &spec, &command, o.time_s);
                 disks.release();
-                match result {
-                    Ok(m) => {
-                        record(&launcher.name(), run, &m, samples.get_mut(l));
-                        break;
-                    }
-                    Err(e) if attempt < ATTEMPTS => println!(
-                        "RETRY bench_disk vmm={} run={run} attempt={attempt}: {e:#}",
-                        launcher.name()
-                    ),
-                    Err(e) => {
-                        println!("FAILED bench_disk vmm={} run={run}: {e:#}", launcher.name());
-                    }
-                }
+                result
+            });
+            if let Some(m) = measured {
+                record(&launcher.name(), run, &m, samples.get_mut(l));
             }
         }
     }

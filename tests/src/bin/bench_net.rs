@@ -34,7 +34,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use tests::bench::{median, packages_initrd};
+use tests::bench::{median, packages_initrd, with_attempts};
 use tests::kit::{Action, Kit, KitCmdline};
 use tests::launcher::{
     Accel, CapvmLauncher, GuestSpec, LaunchError, Launcher, Machine, QemuLauncher,
@@ -54,8 +54,6 @@ const HOST6: &str = "2001:db8:9::1";
 const QEMU_TAP: &str = "qtap-bench";
 /// dev-net's resident-set target (issue 6).
 const RSS_TARGET_KIB: u64 = 4096;
-/// Attempts per guest and run.
-const ATTEMPTS: u32 = 2;
 
 /// One VMM's guest on the bench link.
 #[derive(Debug, Clone, Copy)]
@@ -349,25 +347,14 @@ fn run() -> anyhow::Result<()> {
     let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
     for run in 1..=o.runs {
         for (i, (launcher, guest)) in launchers.iter().enumerate() {
-            // Nested guests sometimes die for reasons of the test host (tests/README.md):
-            // one more attempt before the run counts as failed.
-            for attempt in 1..=ATTEMPTS {
-                server.check()?;
-                match measure(*launcher, &spec, *guest, &ns, o) {
-                    Ok(sample) => {
-                        print_sample(&launcher.name(), run, &sample);
-                        if let Some(slot) = samples.get_mut(i) {
-                            slot.push(sample);
-                        }
-                        break;
-                    }
-                    Err(e) if attempt < ATTEMPTS => println!(
-                        "RETRY bench_net vmm={} run={run} attempt={attempt}: {e:#}",
-                        launcher.name()
-                    ),
-                    Err(e) => {
-                        println!("FAILED bench_net vmm={} run={run}: {e:#}", launcher.name());
-                    }
+            server.check()?;
+            let measured = with_attempts("bench_net", &launcher.name(), run, || {
+                measure(*launcher, &spec, *guest, &ns, o)
+            });
+            if let Some(sample) = measured {
+                print_sample(&launcher.name(), run, &sample);
+                if let Some(slot) = samples.get_mut(i) {
+                    slot.push(sample);
                 }
             }
         }
