@@ -33,9 +33,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = HostConfig::from_conf(&parsed, Path::new("/etc/vm.conf"), None);
 
     // Whatever is set through the writer reads back as set.
-    if let Some(entry) = parsed.effective_entries().next() {
-        if let Ok(updated) = conf::set_value(&text, &entry.key, "1") {
-            assert_eq!(Conf::parse(&updated).get(&entry.key), Some("1"));
-        }
+    if let Some(entry) = parsed.effective_entries().next()
+        && let Ok(updated) = conf::set_value(&text, &entry.key, "1")
+    {
+        assert_eq!(Conf::parse(&updated).get(&entry.key), Some("1"));
     }
 });
