@@ -6,6 +6,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -323,6 +324,24 @@ fn spawn_child(url: &str, dir: &Path, flags: &str, ca_file: Option<&Path>) -> Ch
         .stderr(Stdio::piped());
     if let Some(ca_file) = ca_file {
         command.env("CAPVM_CA_FILE", ca_file);
+    }
+    // The child must take SIGINT as a terminal's ^C reaches it (`interrupt`). A suite started
+    // in the background of a non-interactive shell inherits SIGINT ignored, and the download
+    // rightly keeps an ignored SIGINT ignored (as a background job does), so those tests would
+    // wait for an exit that never comes.
+    // SAFETY: between fork and exec the closure only calls sigaction, which is
+    // async-signal-safe, and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            let default = nix::sys::signal::SigAction::new(
+                nix::sys::signal::SigHandler::SigDfl,
+                nix::sys::signal::SaFlags::empty(),
+                nix::sys::signal::SigSet::empty(),
+            );
+            nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGINT, &default)
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
     }
     command.spawn().unwrap()
 }
