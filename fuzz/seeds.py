@@ -13,7 +13,6 @@ import sys
 
 AVAIL = 0x10
 DESC = 0x400
-USED = 0x1400  # noqa: F841 (documents the layout; the device writes it)
 
 NEXT, WRITE, INDIRECT = 1, 2, 4
 
@@ -32,6 +31,15 @@ class Image:
 
     def desc(self, table, i, addr, length, flags, nxt=0):
         self.put(table + 16 * i, struct.pack("<QIHH", addr, length, flags, nxt))
+
+    def chain(self, table, first, buffers):
+        """Lays out `buffers` ((address, length, device-writable) each) as a chain from
+        descriptor `first` of `table`; returns the next free descriptor."""
+        for j, (addr, length, writable) in enumerate(buffers):
+            last = j == len(buffers) - 1
+            flags = (WRITE if writable else 0) | (0 if last else NEXT)
+            self.desc(table, first + j, addr, length, flags, 0 if last else first + j + 1)
+        return first + len(buffers)
 
     def avail(self, heads):
         self.put(AVAIL, struct.pack("<HH", 0, len(heads)))
@@ -61,17 +69,12 @@ def blk_seeds():
         "write-zeroes": (T_WRITE_ZEROES, 0, [(SEGS, 16, False)]),
     }
 
-    def chain(img, table, first, n, kind):
+    def request(img, table, first, n, kind):
         """Lays out request `n` of `kind` from descriptor `first` of `table`; returns the next
         free descriptor."""
         typ, sector, data = kinds[kind]
         img.put(HDRS + 16 * n, struct.pack("<IIQ", typ, 0, sector))
-        descs = [(HDRS + 16 * n, 16, False)] + data + [(STATUS + n, 1, True)]
-        for j, (addr, length, writable) in enumerate(descs):
-            last = j == len(descs) - 1
-            f = (WRITE if writable else 0) | (0 if last else NEXT)
-            img.desc(table, first + j, addr, length, f, 0 if last else first + j + 1)
-        return first + len(descs)
+        return img.chain(table, first, [(HDRS + 16 * n, 16, False)] + data + [(STATUS + n, 1, True)])
 
     # One discard/write-zeroes segment: sector 0, 8 sectors, no flags.
     segment = struct.pack("<QII", 0, 8, 0)
@@ -79,7 +82,7 @@ def blk_seeds():
     for kind in kinds:
         img = Image()
         img.put(SEGS, segment)
-        chain(img, DESC, 0, 0, kind)
+        request(img, DESC, 0, 0, kind)
         img.avail([0])
         out.append((f"seed-{kind}", seed(16, 0x4, img)))
     # Every kind in one ring of 32, EVENT_IDX on.
@@ -88,13 +91,13 @@ def blk_seeds():
     heads, nxt = [], 0
     for n, kind in enumerate(kinds):
         heads.append(nxt)
-        nxt = chain(img, DESC, nxt, n, kind)
+        nxt = request(img, DESC, nxt, n, kind)
     img.avail(heads)
     out.append(("seed-all", seed(32, 0x5, img)))
     # An indirect read: one descriptor pointing at a table of three.
     img = Image()
     img.desc(DESC, 0, INDIRECT_TABLE, 48, INDIRECT)
-    chain(img, INDIRECT_TABLE, 0, 0, "read")
+    request(img, INDIRECT_TABLE, 0, 0, "read")
     img.avail([0])
     out.append(("seed-indirect-read", seed(16, 0x4, img)))
     return out
@@ -122,10 +125,7 @@ def net_seeds():
             img.put(SEGS, data)
             descs.append((SEGS, len(data), False))
         descs.append((STATUS, 1, True))
-        for j, (addr, length, writable) in enumerate(descs):
-            last = j == len(descs) - 1
-            f = (WRITE if writable else 0) | (0 if last else NEXT)
-            img.desc(DESC, j, addr, length, f, 0 if last else j + 1)
+        img.chain(DESC, 0, descs)
         img.avail([0])
         # flags: MQ negotiated, the device offers 4 pairs.
         verdict = "ok" if accepted else "err"
