@@ -2,8 +2,20 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::{Context, ensure};
+
+/// A bench's exit: success, or its error printed as `<bench>: <error>` and failure.
+pub fn exit_code(bench: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{bench}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// The median of `v` (the mean of the middle two for an even count); `None` when empty.
 pub fn median(v: &[f64]) -> Option<f64> {

@@ -59,13 +59,7 @@ struct Sample {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench_boot: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tests::bench::exit_code("bench_boot", run())
 }
 
 fn run() -> anyhow::Result<()> {

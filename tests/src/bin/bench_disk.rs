@@ -432,13 +432,7 @@ fn options() -> anyhow::Result<Options> {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench_disk: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tests::bench::exit_code("bench_disk", run())
 }
 
 fn run() -> anyhow::Result<()> {

@@ -191,13 +191,7 @@ impl Stats {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench_net: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tests::bench::exit_code("bench_net", run())
 }
 
 #[derive(Debug, Clone, Copy)]

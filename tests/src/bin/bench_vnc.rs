@@ -417,13 +417,7 @@ fn report(which: &str, row: &str, enc: &str, s: &Sample) {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench_vnc: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tests::bench::exit_code("bench_vnc", run())
 }
 
 fn run() -> anyhow::Result<()> {
