@@ -23,8 +23,9 @@
 //! less CPU per request (5.9-6.8 against 9.1-13.1 µs). It stays opt-in for security: the
 //! pool needs nothing beyond plain `preadv`/`pwritev`, while every ring keeps the kernel's
 //! `io_uring` machinery reachable from a process a guest may have taken over (restricted to
-//! five operations, but still one of the kernel's larger attack surfaces). `CAPVM_BLK_IO=uring` in the supervisor's environment
-//! turns it on, for hosts where CPU per I/O matters more.
+//! five operations, but still one of the kernel's larger attack surfaces).
+//! `CAPVM_BLK_IO=uring` in the supervisor's environment turns it on, for hosts where CPU per
+//! I/O matters more.
 //!
 //! # The rings are made before capability mode
 //!
